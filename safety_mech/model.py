@@ -1,0 +1,310 @@
+"""The transformer of SPEC §6: REF's "paper" block and a standard pre-norm GPT-2 block.
+
+Written in plain JAX (no Flax module is needed for a fixed stack of dense layers); everything
+outside this file sees the parameters as a plain nested dict of float32 ``jnp`` arrays.
+
+Shape legend (nanodo style; names carry their shapes)::
+
+    B batch   T positions (queries)   S positions (keys)   D d_model   H heads   K head dim (D / H)
+    F d_mlp   V vocab                 L layers
+
+Parameter layout (kernels are Flax ``in x out``, i.e. Wᵀ of SPEC §10's ``y = W x``)::
+
+    wte/embedding               [V, D]     token embedding
+    wpe/embedding               [T, D]     learned positions (pos="learned" only; sinusoidal is not a parameter)
+    h_{i}/ln_1/{scale, bias}    [D]
+    h_{i}/attn/c_attn/kernel    [D, 3D]    fused q|k|v along the output axis, heads contiguous in each
+    h_{i}/attn/c_attn/bias      [3D]
+    h_{i}/attn/c_proj/kernel    [D, D]     attention output projection
+    h_{i}/attn/c_proj/bias      [D]
+    h_{i}/ln_2/{scale, bias}    [D]        (block="prenorm" only)
+    h_{i}/mlp/c_fc/kernel       [D, F]     "first MLP layer" (SPEC §10: W = kernelᵀ, F x D)
+    h_{i}/mlp/c_fc/bias         [F]
+    h_{i}/mlp/c_proj/kernel     [F, D]
+    h_{i}/mlp/c_proj/bias       [D]
+    ln_f/{scale, bias}          [D]
+    lm_head/kernel              [D, V]     untied, no bias
+
+The paper config (6 layers, 6 heads, D=192, F=768, V=54, sinusoidal) has 2,677,632 parameters outside
+the output head (2,688,000 with it). The "2.71M" quoted for REF matches 2,677,632 plus REF's
+160 x 192 sinusoid buffer (30,720), which is not a parameter here.
+
+Blocks (LN = LayerNorm with eps, scale and bias; Attn = causal multi-head self-attention with output
+projection; MLP = c_fc -> tanh-GELU -> c_proj)::
+
+    paper   (REF, the paper's model):  x = LN1(x);  x = x + Attn(x);      x = x + MLP(x)
+    prenorm (GPT-2):                   x = x + Attn(LN1(x));  x = x + MLP(LN2(x))
+
+followed by ``ln_f`` and ``lm_head``. No dropout.
+
+Captured activations (``capture=True``): each is stacked over layers as ``[L, B, T, D]`` (``mlp_hidden``
+``[L, B, T, F]``), float32. With x the residual stream entering block i::
+
+    name        block="paper"                         block="prenorm"
+    block_in    x (layer 0: embedding + positions)    x
+    attn_out    Attn(LN1(x)), before the add          Attn(LN1(x)), before the add
+    mlp_in      LN1(x) + attn_out  (no norm)          LN2(x + attn_out)
+    mlp_hidden  gelu(mlp_in @ c_fc.kernel + c_fc.bias), the MLP's F units (both blocks)
+    mlp_out     MLP(mlp_in) = mlp_hidden @ c_proj.kernel + c_proj.bias, before the add (both blocks)
+    resid_out   mlp_in + mlp_out                      x + attn_out + mlp_out
+                (= block_in of layer i+1; ln_f(resid_out[L-1]) @ lm_head.kernel = logits)
+
+Usage (cfg is frozen, hence hashable and static; with cfg bound by keyword, pass tokens by keyword)::
+
+    fwd = jax.jit(functools.partial(apply, cfg=cfg))
+    logits_BxTxV = fwd(params, tokens=tokens_BxT)
+
+``dtype`` is the compute dtype of the matmul inputs; parameters stay float32, and the residual stream,
+LayerNorm, softmax, matmul accumulation, logits and captured activations are float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_BLOCKS = ("paper", "prenorm")
+_POSITIONS = ("sinusoidal", "learned")
+_DTYPES = ("float32", "bfloat16")
+ACT_NAMES = ("block_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out", "resid_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters; defaults are the paper's model (SPEC §5-6). Frozen, so usable as a jit static."""
+
+    vocab_size: int = 54
+    seq_len: int = 115
+    n_layer: int = 6
+    n_head: int = 6
+    d_model: int = 192
+    d_mlp: int = 768
+    block: str = "paper"  # "paper" | "prenorm"
+    pos: str = "sinusoidal"  # "sinusoidal" | "learned"
+    ln_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+
+    def __post_init__(self):
+        if self.block not in _BLOCKS:
+            raise ValueError(f"ModelConfig.block={self.block!r}; use one of {_BLOCKS}")
+        if self.pos not in _POSITIONS:
+            raise ValueError(f"ModelConfig.pos={self.pos!r}; use one of {_POSITIONS}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}; use one of {_DTYPES}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+
+
+def sinusoidal_positions(seq_len: int, d_model: int) -> np.ndarray:
+    """REF's sinusoid, [T, D] float32: pe[p, 0::2] = sin(p w_i), pe[p, 1::2] = cos(p w_i),
+    w_i = exp(-ln(10000) * 2i / D)."""
+    pos_T1 = np.arange(seq_len, dtype=np.float64)[:, None]
+    w = np.exp(-math.log(10000.0) * np.arange(0, d_model, 2, dtype=np.float64) / d_model)
+    pe_TxD = np.zeros((seq_len, d_model), np.float64)
+    pe_TxD[:, 0::2] = np.sin(pos_T1 * w)
+    pe_TxD[:, 1::2] = np.cos(pos_T1 * w)
+    return pe_TxD.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def init_params(key, cfg: ModelConfig) -> dict:
+    """GPT-2 initialisation: N(0, 0.02) embeddings and kernels, N(0, 0.02/sqrt(2L)) for the two
+    projections that write into the residual stream, zero biases, unit LayerNorm scales."""
+    return _init_params(key, cfg)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _init_params(key, cfg: ModelConfig) -> dict:
+    # All normals come from one draw, sliced: one threefry instead of one per tensor compiles ~10x faster.
+    D, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
+    std, std_out = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)
+    zeros = lambda *shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    normals = []  # (shape, std) in the order they are drawn
+
+    def normal(shape, s):
+        normals.append((shape, s))
+        return len(normals) - 1  # placeholder, filled below
+
+    def dense(n_in, n_out, s):
+        return {"kernel": normal((n_in, n_out), s), "bias": zeros(n_out)}
+
+    def ln():
+        return {"scale": jnp.ones((D,), jnp.float32), "bias": zeros(D)}
+
+    params = {"wte": {"embedding": normal((V, D), std)}}
+    if cfg.pos == "learned":
+        params["wpe"] = {"embedding": normal((cfg.seq_len, D), std)}
+    for i in range(cfg.n_layer):
+        layer = {
+            "ln_1": ln(),
+            "attn": {"c_attn": dense(D, 3 * D, std), "c_proj": dense(D, D, std_out)},
+            "mlp": {"c_fc": dense(D, F, std), "c_proj": dense(F, D, std_out)},
+        }
+        if cfg.block == "prenorm":
+            layer["ln_2"] = ln()
+        params[f"h_{i}"] = layer
+    params["ln_f"] = ln()
+    params["lm_head"] = {"kernel": normal((D, V), std)}
+
+    z = jax.random.normal(key, (sum(math.prod(shape) for shape, _ in normals),), jnp.float32)
+    offsets = np.cumsum([0] + [math.prod(shape) for shape, _ in normals])
+    drawn = [s * z[o:o + math.prod(shape)].reshape(shape) for (shape, s), o in zip(normals, offsets)]
+    return jax.tree.map(lambda x: drawn[x] if isinstance(x, int) else x, params)
+
+
+def count_params(params, exclude_head: bool = True) -> int:
+    """Number of scalars in ``params``, without ``lm_head`` unless ``exclude_head=False``."""
+    tree = {k: v for k, v in params.items() if not (exclude_head and k == "lm_head")}
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))  # arrays or eval_shape
+
+
+def _check_params(params, cfg: ModelConfig):
+    """Trace-time structural checks, so a config/params mismatch is a one-line error, not a KeyError."""
+    V, D = cfg.vocab_size, cfg.d_model
+    wte = params["wte"]["embedding"]
+    if wte.shape != (V, D):
+        raise ValueError(f"params wte has shape {wte.shape} but cfg wants (vocab_size, d_model)={(V, D)}")
+    n_layer = sum(1 for k in params if k.startswith("h_"))
+    if n_layer != cfg.n_layer:
+        raise ValueError(f"params have {n_layer} layers but cfg.n_layer={cfg.n_layer}")
+    if (cfg.pos == "learned") != ("wpe" in params):
+        raise ValueError(f"cfg.pos={cfg.pos!r} but params {'lack' if cfg.pos == 'learned' else 'have'} 'wpe'")
+    if cfg.pos == "learned" and params["wpe"]["embedding"].shape != (cfg.seq_len, D):
+        raise ValueError(f"params wpe has shape {params['wpe']['embedding'].shape}, cfg wants {(cfg.seq_len, D)}")
+    if (cfg.block == "prenorm") != ("ln_2" in params["h_0"]):
+        raise ValueError(f"cfg.block={cfg.block!r} does not match params (ln_2 present: {'ln_2' in params['h_0']})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def embed(params, cfg: ModelConfig, tokens):
+    """Token embedding lookup only, [B, T] int -> [B, T, D] float32 (positions are added in apply)."""
+    tokens_BxT = _check_tokens(tokens, cfg)
+    return jnp.take(params["wte"]["embedding"], tokens_BxT, axis=0)
+
+
+def _check_tokens(tokens, cfg):
+    tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.shape[1] > cfg.seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1]} > cfg.seq_len={cfg.seq_len}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        host = np.asarray(tokens)  # concrete ids (eager call or a jit constant): range-check them
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids span [{lo}, {hi}], outside [0, vocab_size={cfg.vocab_size})")
+    return tokens
+
+
+def _layer_norm(x, p, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _dense(x, p, dt):
+    """x @ kernel (+ bias): inputs cast to the compute dtype, float32 accumulation and output."""
+    y = jnp.matmul(x.astype(dt), p["kernel"].astype(dt), preferred_element_type=jnp.float32)
+    return y + p["bias"] if "bias" in p else y
+
+
+def _attention(x_BxTxD, p, cfg, dt):
+    """Causal multi-head self-attention.
+
+    Heads-first layout and softmax normalisation after the PV product (one pass fewer over the
+    [B, H, T, S] scores): measured 2x faster than the naive einsum/softmax on CPU, same result.
+    """
+    B, T, D = x_BxTxD.shape
+    H = cfg.n_head
+    K = D // H
+    qkv_3xBxHxTxK = _dense(x_BxTxD, p["c_attn"], dt).reshape(B, T, 3, H, K).transpose(2, 0, 3, 1, 4)
+    q_BxHxTxK = (qkv_3xBxHxTxK[0] * (1.0 / math.sqrt(K))).astype(dt)
+    k_BxHxSxK, v_BxHxSxK = qkv_3xBxHxTxK[1].astype(dt), qkv_3xBxHxTxK[2].astype(dt)
+    s_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
+    s_BxHxTxS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s_BxHxTxS, -1e30)
+    # Subtracting the row max only guards exp against overflow; it cancels, so no gradient through it.
+    e_BxHxTxS = jnp.exp(s_BxHxTxS - jax.lax.stop_gradient(s_BxHxTxS.max(-1, keepdims=True)))
+    y_BxHxTxK = jnp.einsum("bhts,bhsk->bhtk", e_BxHxTxS.astype(dt), v_BxHxSxK,
+                           preferred_element_type=jnp.float32)
+    y_BxHxTxK = y_BxHxTxK / e_BxHxTxS.sum(-1, keepdims=True)
+    y_BxTxD = y_BxHxTxK.transpose(0, 2, 1, 3).reshape(B, T, D)
+    return _dense(y_BxTxD, p["c_proj"], dt)
+
+
+def _mlp(x_BxTxD, p, dt):
+    h_BxTxF = jax.nn.gelu(_dense(x_BxTxD, p["c_fc"], dt), approximate=True)
+    return _dense(h_BxTxF, p["c_proj"], dt), h_BxTxF
+
+
+def _block(x_BxTxD, p, cfg, dt):
+    """One block; returns the new residual stream and this block's activations (see module doc)."""
+    acts = {"block_in": x_BxTxD}
+    if cfg.block == "paper":
+        x_BxTxD = _layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps)  # REF overwrites the residual with LN1
+        attn_BxTxD = _attention(x_BxTxD, p["attn"], cfg, dt)
+        mlp_in_BxTxD = x_BxTxD + attn_BxTxD
+        mlp_BxTxD, hidden_BxTxF = _mlp(mlp_in_BxTxD, p["mlp"], dt)
+        out_BxTxD = mlp_in_BxTxD + mlp_BxTxD
+    else:
+        attn_BxTxD = _attention(_layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps), p["attn"], cfg, dt)
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        mlp_in_BxTxD = _layer_norm(x_BxTxD, p["ln_2"], cfg.ln_eps)
+        mlp_BxTxD, hidden_BxTxF = _mlp(mlp_in_BxTxD, p["mlp"], dt)
+        out_BxTxD = x_BxTxD + mlp_BxTxD
+    acts.update(attn_out=attn_BxTxD, mlp_in=mlp_in_BxTxD, mlp_hidden=hidden_BxTxF,
+                mlp_out=mlp_BxTxD, resid_out=out_BxTxD)
+    return out_BxTxD, acts
+
+
+def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bool = False):
+    """Logits [B, T, V] float32 from ``tokens`` [B, T] int or ``embeddings`` [B, T, D] (exactly one).
+
+    ``embeddings`` replace the token-embedding lookup (e.g. ``embed(params, cfg, tokens)``, or soft
+    tokens); positions are added here in both cases. With ``capture=True`` returns
+    ``(logits, acts)``, acts a dict of ``[L, B, T, ...]`` arrays named as in the module docstring.
+    """
+    if (tokens is None) == (embeddings is None):
+        raise ValueError("pass exactly one of tokens=[B, T] ints or embeddings=[B, T, D]")
+    _check_params(params, cfg)
+    if tokens is not None:
+        x_BxTxD = embed(params, cfg, tokens)
+    else:
+        x_BxTxD = jnp.asarray(embeddings)
+        if x_BxTxD.ndim != 3 or x_BxTxD.shape[-1] != cfg.d_model:
+            raise ValueError(f"embeddings must be [B, T, d_model={cfg.d_model}], got {x_BxTxD.shape}")
+        if x_BxTxD.shape[1] > cfg.seq_len:
+            raise ValueError(f"sequence length {x_BxTxD.shape[1]} > cfg.seq_len={cfg.seq_len}")
+    T = x_BxTxD.shape[1]
+    if cfg.pos == "learned":
+        pos_TxD = params["wpe"]["embedding"][:T]
+    else:
+        pos_TxD = jnp.asarray(sinusoidal_positions(T, cfg.d_model))
+    x_BxTxD = x_BxTxD.astype(jnp.float32) + pos_TxD
+
+    dt = jnp.dtype(cfg.dtype)
+    per_layer = []
+    for i in range(cfg.n_layer):
+        x_BxTxD, acts = _block(x_BxTxD, params[f"h_{i}"], cfg, dt)
+        if capture:
+            per_layer.append(acts)
+    x_BxTxD = _layer_norm(x_BxTxD, params["ln_f"], cfg.ln_eps)
+    logits_BxTxV = _dense(x_BxTxD, params["lm_head"], dt)
+    if not capture:
+        return logits_BxTxV
+    return logits_BxTxV, {n: jnp.stack([a[n] for a in per_layer]) for n in ACT_NAMES}
