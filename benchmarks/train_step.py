@@ -1,0 +1,106 @@
+"""Throughput of one pretraining step (sampling inside the jit + forward + backward + AdamW).
+
+    python benchmarks/train_step.py                      # paper model, batch 64, T = 115
+    python benchmarks/train_step.py --preset tiny --batch 128
+    python benchmarks/train_step.py --json               # {"ms_per_step": ..., "tokens_per_s": ...}
+
+Times are medians over ``--steps`` steps after compilation (each step blocked on). FLOPs per step:
+6·N·tokens for the dense layers (N = all parameters, forward + backward) plus 12·L·D·T² per sequence
+for the attention scores and the weighted sum (full T×T, as computed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+
+from configs import pretrain as pretrain_config
+from safety_mech import data as data_lib
+from safety_mech import losses
+from safety_mech import model as model_lib
+from safety_mech import train as train_lib
+
+
+def step_flops(model_cfg: model_lib.ModelConfig, n_params: int, batch: int, seq: int) -> float:
+    dense = 6.0 * n_params * batch * seq
+    attention = 12.0 * model_cfg.n_layer * model_cfg.d_model * seq * seq * batch
+    return dense + attention
+
+
+def _median_time(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def benchmark(preset: str = "paper", batch: int = 64, steps: int = 5, n_replicas: int = 1) -> dict:
+    cfg = pretrain_config.get_config(preset)
+    cfg.train.batch_size, cfg.train.n_replicas = batch, n_replicas
+    setup = pretrain_config.validate(cfg)
+    T = setup.data.T
+    optimizer = train_lib.make_optimizer(setup.opt)
+    state = train_lib.init_replicas(jax.random.key(0), n_replicas,
+                                    lambda k: model_lib.init_params(k, setup.model), optimizer,
+                                    setup.opt.peak_lrs(n_replicas))
+    n_params = model_lib.count_params(state.params, exclude_head=False) // n_replicas
+    sample = lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, batch, step)  # noqa: E731
+    step_fn = train_lib.make_train_step(losses.lm_loss, optimizer, sample, setup.loss, n_replicas=n_replicas)
+
+    t0 = time.perf_counter()
+    holder = {"state": step_fn(state)[0]}
+    jax.block_until_ready(holder["state"])
+    compile_s = time.perf_counter() - t0
+
+    def one():
+        holder["state"], metrics = step_fn(holder["state"])
+        return metrics
+
+    one()  # warm
+    step_s = _median_time(one, steps)
+    sample_jit = jax.jit(sample)
+    jax.block_until_ready(sample_jit(jax.random.key(1), 0))
+    sample_s = _median_time(lambda: sample_jit(jax.random.key(2), 0), steps)
+
+    tokens = batch * T * n_replicas
+    flops = step_flops(setup.model, n_params, batch, T) * n_replicas
+    return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
+            "preset": preset, "params": n_params, "batch": batch, "seq_len": T, "replicas": n_replicas,
+            "compile_s": compile_s, "ms_per_step": step_s * 1e3, "sample_ms": sample_s * 1e3,
+            "tokens_per_s": tokens / step_s, "gflop_per_step": flops / 1e9,
+            "gflop_per_s": flops / step_s / 1e9}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", choices=("paper", "tiny"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help='print {"ms_per_step", "tokens_per_s"} only')
+    args = parser.parse_args()
+    r = benchmark(args.preset, args.batch, args.steps, args.replicas)
+    if args.json:
+        print(json.dumps({"ms_per_step": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"]}))
+        return
+    rows = [("device", r["device"]), ("preset / params", f"{r['preset']} / {r['params']:,}"),
+            ("batch x T x replicas", f"{r['batch']} x {r['seq_len']} x {r['replicas']}"),
+            ("compile + first step (s)", f"{r['compile_s']:.1f}"),
+            ("step (ms, median)", f"{r['ms_per_step']:.1f}"),
+            ("  of which sampling alone (ms)", f"{r['sample_ms']:.1f}"),
+            ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+            ("GFLOP per step", f"{r['gflop_per_step']:.1f}"),
+            ("achieved GFLOP/s", f"{r['gflop_per_s']:.1f}")]
+    width = max(len(k) for k, _ in rows)
+    print(f"| {'quantity'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Checkpoints with orbax ``CheckpointManager`` and ``ocp.args``: save every N steps and at the end,
+resume from the latest.
+
+A checkpoint of a training state (any NamedTuple with ``step``, ``params`` and more fields, e.g.
+``train.TrainState``) holds two items:
+
+* ``params``: the parameters as a plain nested dict, loadable without a template
+  (:func:`load_params`; fine-tuning, evaluation and analysis read only this);
+* ``state``: every other field (step, optimizer state, data key), restored into a template.
+
+Run directory layout: ``runs/<name>/{config.json, metrics.jsonl, checkpoints/<step>/...}``. Saves are
+synchronous: the training step donates its input buffers, so nothing may still be reading them once
+``save_state`` returns. Any failure to read a checkpoint is one line: :class:`CheckpointError`.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A missing or unreadable checkpoint (one-line message)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def make_checkpoint_manager(directory: str, *, max_to_keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+    """A manager over ``directory`` (``<workdir>/checkpoints``) keeping the newest ``max_to_keep``;
+    ``create=False`` for reading an existing directory."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _split(state):
+    fields = state._asdict()
+    params = fields.pop("params")
+    return params, fields
+
+
+def save_state(manager: ocp.CheckpointManager, state) -> int:
+    """Save ``state`` at its own step (replicas: the common step). Returns the step; saving a step
+    that is already on disk is a no-op (a finished run resumed again)."""
+    step = int(jax.device_get(state.step).reshape(-1)[0])
+    if step in manager.all_steps():
+        return step
+    params, rest = _split(state)
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               state=ocp.args.StandardSave(rest)), force=True)
+    manager.wait_until_finished()
+    return step
+
+
+def latest_step(directory: str) -> int | None:
+    """The newest complete checkpoint in ``directory``, or None (also when it does not exist)."""
+    if not os.path.isdir(directory):
+        return None
+    return make_checkpoint_manager(directory, create=False).latest_step()
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore_state(manager: ocp.CheckpointManager, template, step: int | None = None):
+    """The state saved at ``step`` (default: latest), with the structure, dtypes and shardings of
+    ``template`` (a state of the same run, e.g. freshly initialised)."""
+    directory = str(manager.directory)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {directory}")
+    params, rest = _split(template)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(params)), state=ocp.args.StandardRestore(_abstract(rest))))
+    except Exception as e:  # orbax raises many types for missing/truncated files
+        raise CheckpointError(f"cannot restore step {step} from {directory}: {_one_line(e)}") from None
+    return template._replace(params=restored["params"], **restored["state"])
+
+
+def load_params(directory: str, step: int | None = None) -> dict:
+    """Parameters (plain nested dict of arrays) saved at ``step`` (default: latest) in ``directory``
+    (a ``checkpoints/`` folder or a run directory holding one)."""
+    if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
+        directory = os.path.join(directory, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint directory {directory}")
+    manager = make_checkpoint_manager(directory, create=False)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint found in {directory}")
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    except Exception as e:
+        raise CheckpointError(f"cannot load params of step {step} from {directory}: {_one_line(e)}") from None
+    return restored["params"]

@@ -1,0 +1,103 @@
+"""Checkpoints: a killed and resumed run ends bit-identical to an uninterrupted one; bad checkpoints
+are one-line errors."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import train_toy as toy
+from safety_mech import checkpoint, train
+
+N_STEPS, CKPT_EVERY, KILL_AT = 8, 3, 5
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(workdir, step_fn, kill_at=None):
+    """Train to N_STEPS in ``workdir`` (resuming from its checkpoints); ``kill_at``: die while
+    dispatching that update, like a preempted job."""
+    manager = checkpoint.make_checkpoint_manager(checkpoint.checkpoint_dir(workdir))
+    state = toy.init_state(jax.random.key(11))
+    if manager.latest_step() is not None:
+        state = checkpoint.restore_state(manager, state)
+
+    def maybe_dying_step(s, ref=None):
+        if kill_at is not None and train.host_step(s) + 1 == kill_at:
+            raise Killed()
+        return step_fn(s, ref)
+
+    try:
+        state, _ = train.train(maybe_dying_step, state, n_steps=N_STEPS, workdir=workdir, log_every=1,
+                               save_fn=lambda s: checkpoint.save_state(manager, s), ckpt_every=CKPT_EVERY)
+    finally:
+        manager.close()
+    return state
+
+
+def _records(workdir):
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run and a run killed at step KILL_AT then resumed."""
+    step_fn = toy.shared_step()
+    full_dir, resumed_dir = (str(tmp_path_factory.mktemp(n)) for n in ("full", "resumed"))
+    full = _run(full_dir, step_fn)
+    with pytest.raises(Killed):
+        _run(resumed_dir, step_fn, kill_at=KILL_AT)
+    assert checkpoint.latest_step(checkpoint.checkpoint_dir(resumed_dir)) == CKPT_EVERY
+    resumed = _run(resumed_dir, step_fn)
+    return full_dir, full, resumed_dir, resumed
+
+
+def test_resume_is_bit_identical(runs):
+    full_dir, full, resumed_dir, resumed = runs
+    assert train.host_step(resumed) == N_STEPS
+    assert toy.tree_equal(full.params, resumed.params)
+    assert toy.tree_equal(full.opt_state, resumed.opt_state)
+    # metrics.jsonl of the resumed run: what the killed run logged past its checkpoint is replayed,
+    # never duplicated, and equals the uninterrupted run's log line for line
+    full_records, resumed_records = _records(full_dir), _records(resumed_dir)
+    assert [r["step"] for r in resumed_records] == list(range(1, N_STEPS + 1))
+    assert resumed_records == full_records
+
+
+def test_load_params_is_a_plain_dict(runs):
+    full_dir, full, _, _ = runs
+    params = checkpoint.load_params(full_dir)
+    assert isinstance(params, dict) and isinstance(params["h_0"]["mlp"], dict)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(full_dir)) if s.isdigit()) == [6, 8]
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    manager = checkpoint.make_checkpoint_manager(str(tmp_path / "checkpoints"))
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint found") as err:
+        checkpoint.restore_state(manager, toy.init_state(jax.random.key(0)))
+    assert "\n" not in str(err.value)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint directory"):
+        checkpoint.load_params(str(tmp_path / "nowhere"))
+    assert checkpoint.latest_step(str(tmp_path / "nowhere")) is None
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path):
+    manager = checkpoint.make_checkpoint_manager(str(tmp_path / "checkpoints"))
+    state = toy.init_state(jax.random.key(0))
+    checkpoint.save_state(manager, state)
+    step_dir = tmp_path / "checkpoints" / "0"
+    for root, _, files in os.walk(step_dir):  # truncate every data file of the checkpoint
+        for name in files:
+            with open(os.path.join(root, name), "w") as f:
+                f.write("garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot restore step 0") as err:
+        checkpoint.restore_state(manager, state)
+    assert "\n" not in str(err.value)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot load params"):
+        checkpoint.load_params(str(tmp_path))
