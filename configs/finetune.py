@@ -1,0 +1,181 @@
+"""Safety fine-tuning (SPEC §7-§8): SSFT, DPO or unlearning from a pretrained (or fine-tuned) base run.
+
+Command (``get_config("METHOD:SIZE")``, METHOD in ssft|dpo|unlearn, SIZE in tiny|paper; dotted
+overrides work for every key)::
+
+    python -m launch.finetune --config configs/finetune.py:ssft:tiny --base runs/pretrain_tiny \\
+        --workdir runs/ssft_tiny
+    python -m launch.finetune --config configs/finetune.py:dpo:paper --base runs/pretrain_paper \\
+        --workdir runs/dpo_paper
+    # textbook DPO (one β for both terms):   --config.method.beta=0.1
+    # cross-method (unlearning after SSFT's ηM replica):
+    python -m launch.finetune --config configs/finetune.py:unlearn:tiny --base runs/ssft_tiny \\
+        --base_replica 0 --workdir runs/ssft_then_unlearn_tiny
+
+The model (``config.model``), the data lengths (``data.min_len``, ``data.max_len``,
+``data.seq_len``) and the operator rule (``data.p_four_iid``) are unset here and read from the base
+run's ``config.json`` at launch time (:func:`inherit_from_base`); setting one to a value the base was
+not trained with is a one-line error naming the key.
+
+Presets (both: AdamW as pretraining, β = (0.9, 0.95), weight decay 1e-4 on dense kernels, clip 1.0;
+two learning rates ηM ("medium") and ηS ("small") as vmapped replicas, ``train.n_replicas=2``,
+``opt.replica_lrs=(ηM, ηS)``; every replica starts from the base params with a fresh optimizer
+state and its own data stream; per-example safe/unsafe mixing with ``data.p_unsafe`` SSFT 0.2,
+DPO 0.5, unlearning 0.5; ``method.normalize="seq_len"``, REF's normalisation). More seeds per
+learning rate are more replicas, e.g. ``--config.train.n_replicas=4
+--config.opt.replica_lrs="(1e-4,1e-4,1e-5,1e-5)"`` (replica r draws its own data stream from
+``train.seed``), or another ``--config.train.seed``:
+
+* ``paper``: SPEC §8 exactly: 10k steps, batch 512, warmup 2k, cosine to 1e-6 at step 8k, ηM = 1e-4,
+  ηS = 1e-5; DPO β_w = 0.1, β_l = 0.01; unlearning w_w = 1, w_l = 0.1. For a GPU/TPU (base: the
+  ``pretrain.py:paper`` run). Runtime: to be measured.
+* ``tiny``: the same shape scaled to CPU: 400 steps, batch 128, warmup 50, cosine to step 320,
+  ηM = 3e-4, ηS = 3e-5 (the paper's ratios to the pretraining lr; the tiny pretraining uses 3e-3),
+  min lr 3e-6; base: the ``pretrain.py:tiny`` run. NOT tuned. Runtime on the 2-core development VM
+  (shared, load ~1.5-2), measured over 8 steps after ~20 s of compilation: SSFT 1.3 s per step,
+  unlearning 2.1 s, DPO 2.6 s (both replicas), i.e. 9 / 14 / 17 min for 400 steps, plus the
+  evaluations (2 sets × 2 replicas; estimated from the tiny pretraining's: ~30 s each periodic one,
+  ~3 min for the final one). A full tiny run has not been made yet.
+
+Expected metrics (both presets): to be measured. What to look at: ``train/logp_undesired`` falls and
+``train/logp_desired`` rises (SSFT, unlearning), ``train/reward_margin`` / ``train/reward_accuracy``
+rise from 0 (DPO starts at loss log 2 = 0.693: policy = reference); ``eval/safe/gen_instruct`` should
+stay near the base run's, ``eval/unsafe/gen_instruct`` (the model emits the harmful true output on
+unsafe inputs) should fall towards 0. Unlearning's loss has no lower bound (as REF).
+
+Groups: ``data`` (the fine-tuning fields of ``data.DataConfig``), ``model`` (from the base),
+``opt``, ``train``, ``eval`` as in ``configs/pretrain.py``, and ``method``
+(``finetune_losses.MethodConfig``: ``name``, ``normalize``, ``beta_w``, ``beta_l``, ``beta``, ``w_w``,
+``w_l``). ``method.normalize`` and ``train.normalize`` are one field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import ml_collections
+
+from configs import pretrain as pretrain_config
+from safety_mech import data as data_lib
+from safety_mech import evaluate as eval_lib
+from safety_mech import model as model_lib
+from safety_mech import train as train_lib
+from safety_mech.finetune_losses import METHODS, MethodConfig
+
+GROUPS = pretrain_config.GROUPS + ("method",)
+SIZES = ("tiny", "paper")
+P_UNSAFE = {"ssft": 0.2, "dpo": 0.5, "unlearn": 0.5}  # SPEC §7
+# data.DataConfig fields the fine-tuning sampler reads; the pretraining-only ones keep their defaults
+DATA_KEYS = ("min_len", "max_len", "seq_len", "p_four_iid", "p_second_pair", "p_unsafe", "per_batch_mixing")
+# must equal the base run's: the lengths (the model's seq_len follows them) and the operator rule
+# ("same rule as pretraining", SPEC §7)
+DATA_FROM_BASE = ("min_len", "max_len", "seq_len", "p_four_iid")
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(model_lib.ModelConfig)
+                   if f.name not in pretrain_config._DERIVED_MODEL_KEYS)
+
+_PRESETS = {
+    "tiny": dict(
+        opt=dict(lr=3e-4, min_lr=3e-6, warmup_steps=50, decay_end_step=320, replica_lrs=(3e-4, 3e-5)),
+        train=dict(steps=400, batch_size=128, n_replicas=2, log_every=20, eval_every=100, ckpt_every=100),
+        eval=dict(n_periodic=256, n_final=1000, batch_size=500, sets=("safe", "unsafe")),
+    ),
+    "paper": dict(
+        opt=dict(lr=1e-4, min_lr=1e-6, warmup_steps=2_000, decay_end_step=8_000, replica_lrs=(1e-4, 1e-5)),
+        train=dict(steps=10_000, batch_size=512, n_replicas=2, log_every=100, eval_every=1_000, ckpt_every=1_000),
+        eval=dict(n_periodic=1000, n_final=1000, batch_size=1000, sets=("safe", "unsafe")),
+    ),
+}
+
+
+def _unset(field_type):
+    """A placeholder filled from the base run (typed, so ``--config.model.x=...`` can still set it)."""
+    return ml_collections.FieldReference(None, field_type=field_type)
+
+
+def get_config(arg: str = "ssft:tiny") -> ml_collections.ConfigDict:
+    """``"METHOD:SIZE"`` (see the module docstring)."""
+    method, _, size = arg.partition(":")
+    if method not in METHODS or size not in SIZES:
+        raise ValueError(f"unknown config {arg!r}; use METHOD:SIZE with METHOD in {METHODS}, SIZE in {SIZES}")
+    preset = _PRESETS[size]
+    cfg = ml_collections.ConfigDict()
+    data = pretrain_config._defaults(data_lib.DataConfig)
+    data.update({k: _unset(type(data[k])) for k in DATA_FROM_BASE}, p_unsafe=P_UNSAFE[method])
+    cfg.data = {k: data[k] for k in DATA_KEYS}
+    model_defaults = pretrain_config._defaults(model_lib.ModelConfig)
+    cfg.model = {k: _unset(type(model_defaults[k])) for k in MODEL_KEYS}
+    cfg.opt = pretrain_config._defaults(train_lib.OptConfig)
+    cfg.train = pretrain_config._defaults(train_lib.TrainConfig)
+    cfg.eval = pretrain_config._defaults(eval_lib.EvalConfig)
+    for group in ("opt", "train", "eval"):
+        cfg[group].update(preset[group])
+    method_defaults = pretrain_config._defaults(MethodConfig, drop=("model",))
+    method_defaults["beta"] = _unset(float)
+    cfg.method = method_defaults
+    cfg.method.name = method
+    normalize = ml_collections.FieldReference(cfg.method.normalize)
+    cfg.method.normalize = normalize
+    cfg.train.normalize = normalize
+    return cfg
+
+
+def inherit_from_base(cfg, base_config: dict, base_name: str = "the base run") -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` with the unset model keys and ``DATA_FROM_BASE`` keys taken from
+    ``base_config`` (the base run's ``config.json``); a key set to another value than the base's
+    raises a one-line ``train.ConfigError`` naming it."""
+    resolved = cfg.copy_and_resolve_references()
+    for group, keys in (("model", MODEL_KEYS), ("data", DATA_FROM_BASE)):
+        base_group = base_config.get(group)
+        if not isinstance(base_group, dict):
+            raise train_lib.ConfigError(f"{base_name}: config.json has no '{group}' group")
+        extra = sorted(set(base_group) - set(keys)) if group == "model" else []
+        if extra:
+            raise train_lib.ConfigError(f"{base_name}: unknown model key(s) {extra} in its config.json")
+        for key in keys:
+            if key not in base_group:
+                raise train_lib.ConfigError(f"{base_name}: config.json has no {group}.{key}")
+            mine, theirs = resolved[group][key], base_group[key]
+            if mine is None:
+                resolved[group][key] = theirs
+            elif mine != theirs:
+                raise train_lib.ConfigError(
+                    f"config.{group}.{key}={mine!r} does not match {base_name} ({group}.{key}={theirs!r}); "
+                    f"fine-tuning keeps the base run's model and data")
+    return resolved
+
+
+class FinetuneSetup(NamedTuple):
+    """A validated config as frozen dataclasses."""
+
+    data: data_lib.DataConfig
+    model: model_lib.ModelConfig
+    opt: train_lib.OptConfig
+    train: train_lib.TrainConfig
+    eval: eval_lib.EvalConfig
+    method: MethodConfig  # with .model set: the losses' cfg
+
+    @property
+    def loss(self) -> MethodConfig:
+        return self.method
+
+
+def validate(cfg) -> FinetuneSetup:
+    """Convert a resolved ``cfg`` (see :func:`inherit_from_base`) to frozen dataclasses; an unknown
+    key, an unset base-derived key or an invalid value raises a one-line ``train.ConfigError``."""
+    unknown = sorted(set(cfg.keys()) - set(GROUPS))
+    missing = sorted(set(GROUPS) - set(cfg.keys()))
+    if unknown or missing:
+        raise train_lib.ConfigError(f"config groups must be {GROUPS}; unknown {unknown}, missing {missing}")
+    for group, keys in (("model", MODEL_KEYS), ("data", DATA_FROM_BASE)):
+        unset = [k for k in keys if cfg[group].get(k) is None]
+        if unset:
+            raise train_lib.ConfigError(f"config.{group}.{unset[0]} is unset: it comes from the base run "
+                                        "(configs.finetune.inherit_from_base)")
+    pre = pretrain_config.validate(ml_collections.ConfigDict({g: cfg[g].to_dict() for g in pretrain_config.GROUPS}))
+    if "model" in cfg.method:
+        raise train_lib.ConfigError("config.method.model is derived (the base run's model); remove it")
+    method = train_lib.dataclass_from_config(MethodConfig, cfg.method, "method")
+    if method.normalize != pre.train.normalize:
+        raise train_lib.ConfigError(f"config.method.normalize={method.normalize!r} but "
+                                    f"config.train.normalize={pre.train.normalize!r}; set one value")
+    return FinetuneSetup(*pre, method=dataclasses.replace(method, model=pre.model))
