@@ -71,7 +71,7 @@ DATA_KEYS = ("min_len", "max_len", "seq_len", "p_four_iid", "p_second_pair", "p_
 # ("same rule as pretraining", SPEC §7)
 DATA_FROM_BASE = ("min_len", "max_len", "seq_len", "p_four_iid")
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(model_lib.ModelConfig)
-                   if f.name not in pretrain_config._DERIVED_MODEL_KEYS)
+                   if f.name not in pretrain_config.DERIVED_MODEL_KEYS)
 
 _PRESETS = {
     "tiny": dict(
@@ -99,17 +99,17 @@ def get_config(arg: str = "ssft:tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown config {arg!r}; use METHOD:SIZE with METHOD in {METHODS}, SIZE in {SIZES}")
     preset = _PRESETS[size]
     cfg = ml_collections.ConfigDict()
-    data = pretrain_config._defaults(data_lib.DataConfig)
+    data = pretrain_config.dataclass_defaults(data_lib.DataConfig)
     data.update({k: _unset(type(data[k])) for k in DATA_FROM_BASE}, p_unsafe=P_UNSAFE[method])
     cfg.data = {k: data[k] for k in DATA_KEYS}
-    model_defaults = pretrain_config._defaults(model_lib.ModelConfig)
+    model_defaults = pretrain_config.dataclass_defaults(model_lib.ModelConfig)
     cfg.model = {k: _unset(type(model_defaults[k])) for k in MODEL_KEYS}
-    cfg.opt = pretrain_config._defaults(train_lib.OptConfig)
-    cfg.train = pretrain_config._defaults(train_lib.TrainConfig)
-    cfg.eval = pretrain_config._defaults(eval_lib.EvalConfig)
+    cfg.opt = pretrain_config.dataclass_defaults(train_lib.OptConfig)
+    cfg.train = pretrain_config.dataclass_defaults(train_lib.TrainConfig)
+    cfg.eval = pretrain_config.dataclass_defaults(eval_lib.EvalConfig)
     for group in ("opt", "train", "eval"):
         cfg[group].update(preset[group])
-    method_defaults = pretrain_config._defaults(MethodConfig, drop=("model",))
+    method_defaults = pretrain_config.dataclass_defaults(MethodConfig, drop=("model",))
     method_defaults["beta"] = _unset(float)
     cfg.method = method_defaults
     cfg.method.name = method

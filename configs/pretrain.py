@@ -47,7 +47,8 @@ from safety_mech import train as train_lib
 from safety_mech.losses import LossConfig
 
 GROUPS = ("data", "model", "opt", "train", "eval")
-_DERIVED_MODEL_KEYS = ("vocab_size", "seq_len")
+# model.ModelConfig fields set by validate() from the grammar and the data lengths, never by the config
+DERIVED_MODEL_KEYS = ("vocab_size", "seq_len")
 
 _PRESETS = {
     "tiny": dict(
@@ -67,7 +68,8 @@ _PRESETS = {
 }
 
 
-def _defaults(cls, drop=()) -> dict:
+def dataclass_defaults(cls, drop=()) -> dict:
+    """The default value of every field of dataclass ``cls`` except ``drop``: a config group."""
     return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls) if f.name not in drop}
 
 
@@ -77,11 +79,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown preset {arg!r}; use one of {sorted(_PRESETS)}")
     preset = _PRESETS[arg]
     cfg = ml_collections.ConfigDict()
-    cfg.data = _defaults(data_lib.DataConfig)
-    cfg.model = _defaults(model_lib.ModelConfig, drop=_DERIVED_MODEL_KEYS)
-    cfg.opt = _defaults(train_lib.OptConfig)
-    cfg.train = _defaults(train_lib.TrainConfig)
-    cfg.eval = _defaults(eval_lib.EvalConfig)
+    cfg.data = dataclass_defaults(data_lib.DataConfig)
+    cfg.model = dataclass_defaults(model_lib.ModelConfig, drop=DERIVED_MODEL_KEYS)
+    cfg.opt = dataclass_defaults(train_lib.OptConfig)
+    cfg.train = dataclass_defaults(train_lib.TrainConfig)
+    cfg.eval = dataclass_defaults(eval_lib.EvalConfig)
     for group in GROUPS:
         cfg[group].update(preset[group])
     # The curriculum is tied to the schedule (SPEC §5): hold for warmup/2, end at the last step.
@@ -122,7 +124,7 @@ def validate(cfg) -> PretrainSetup:
         data_values["curriculum_hold_steps"] = min(hold, max(end, 0))
     data_cfg = train_lib.dataclass_from_config(data_lib.DataConfig, data_values, "data")
     model_values = dict(cfg.model.to_dict())
-    for key in _DERIVED_MODEL_KEYS:
+    for key in DERIVED_MODEL_KEYS:
         if key in model_values:
             raise train_lib.ConfigError(f"config.model.{key} is derived (grammar vocabulary / data.T); remove it")
     model_values.update(vocab_size=grammar.VOCAB_SIZE, seq_len=data_cfg.T)

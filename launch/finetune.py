@@ -11,24 +11,23 @@ and data lengths from the base) and ``base`` = {path, step, replica, config}. Re
 workdir, config and base resumes from the latest checkpoint. Bad input is a one-line error and a
 non-zero exit, with nothing written. The logic is :func:`run`, importable from a notebook.
 
-The flags ``--config``, ``--workdir`` and ``--distributed`` are those of ``launch.pretrain`` (absl
-flags are global; both launchers are imported together by the tests and notebooks).
+The flags ``--config``, ``--workdir`` and ``--distributed`` are ``launch.common``'s, shared with
+``launch.pretrain`` (absl flags are global; both launchers are imported together by the tests).
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 from absl import app, flags, logging
 
 from configs import finetune as finetune_config
-from launch import pretrain as launch_pretrain
+from launch import common
+from launch.common import RunError
 from safety_mech import checkpoint as ckpt_lib
 from safety_mech import data as data_lib
-from safety_mech import evaluate as eval_lib
 from safety_mech import finetune_losses
 from safety_mech import model as model_lib
 from safety_mech import sharding as sharding_lib
@@ -37,9 +36,6 @@ from safety_mech import train as train_lib
 _BASE = flags.DEFINE_string("base", None, "base run directory (pretraining or fine-tuning run)")
 _BASE_REPLICA = flags.DEFINE_integer("base_replica", None, "replica of the base run to start from "
                                      "(required when the base run has several)")
-
-RunError = launch_pretrain.RunError
-
 
 class BaseRun(NamedTuple):
     """What the fine-tuned run starts from (params are loaded separately, after distributed init)."""
@@ -104,64 +100,24 @@ def run(cfg, base: str, workdir: str, *, base_replica: int | None = None, distri
     resolved = finetune_config.inherit_from_base(cfg, base_run.config, f"--base {base}")
     setup = finetune_config.validate(resolved)
     config_dict = {**resolved.to_dict(), "base": base_run.record()}
-    resume = launch_pretrain.check_workdir(workdir, config_dict)
-    sharding_lib.maybe_initialize_distributed(distributed)
-    mesh = sharding_lib.make_mesh()
-    try:
-        sharding_lib.check_batch_size(setup.train.batch_size, mesh)
-    except ValueError as e:
-        raise train_lib.ConfigError(f"config.train.batch_size: {e}") from None
+    resume = common.check_workdir(workdir, config_dict)
+    mesh = common.make_run_mesh(setup.train.batch_size, distributed)
     base_params = sharding_lib.put_replicated(load_base_params(base_run, setup.model), mesh)
-
-    tc, R, method = setup.train, setup.train.n_replicas, setup.method
-    optimizer = train_lib.make_optimizer(setup.opt)
-    state = train_lib.init_replicas(jax.random.key(tc.seed), R, lambda k: base_params, optimizer,
-                                    setup.opt.peak_lrs(R))
-    state = sharding_lib.put_replicated(state, mesh)
-    manager = ckpt_lib.make_checkpoint_manager(ckpt_lib.checkpoint_dir(workdir), max_to_keep=tc.keep_checkpoints)
-    if resume:
-        state = ckpt_lib.restore_state(manager, state)
-        logging.info("resuming %s from step %d", workdir, train_lib.host_step(state))
-    elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
-
-    step_fn = train_lib.make_train_step(
-        finetune_losses.LOSSES[method.name], optimizer,
-        lambda key, step: data_lib.sample_finetune_batch(key, setup.data, tc.batch_size),
-        setup.loss, n_replicas=R, mesh=mesh, lr_fn=train_lib.make_lr_fn(setup.opt), ref_in_axis=None)
-    ec = setup.eval
-    evaluator = eval_lib.make_instruct_eval(setup.model, setup.data, jax.random.key(ec.seed),
-                                            max(ec.n_final, ec.n_periodic), sets=ec.sets,
-                                            chunk=min(ec.batch_size, ec.n_periodic), n_replicas=R, mesh=mesh)
-    logging.info("%s fine-tuning from %s (step %d, replica %s); %d replica(s), lrs %s; %d devices", method.name,
-                 base_run.path, base_run.step, base_run.replica, R, setup.opt.peak_lrs(R), mesh.size)
-    ref_params: Any = base_params if method.name == "dpo" else None  # the frozen reference: never in the state
-    _, final = train_lib.train(
-        step_fn, state, n_steps=tc.steps, workdir=workdir, log_every=tc.log_every,
-        eval_every=tc.eval_every, eval_fn=lambda p: evaluator(p, ec.n_periodic),
-        final_eval_fn=lambda p: evaluator(p, ec.n_final),
-        save_fn=lambda s: ckpt_lib.save_state(manager, s), ckpt_every=tc.ckpt_every,
-        # both completions of every example go through the model
-        tokens_per_step=2 * tc.batch_size * setup.data.T * R, ref_params=ref_params)
-    manager.close()
-    return final
+    method, batch_size = setup.method.name, setup.train.batch_size
+    logging.info("%s fine-tuning from %s (step %d, replica %s)", method, base_run.path, base_run.step,
+                 base_run.replica)
+    return common.train_job(
+        setup, workdir, config_dict, resume, lambda k: base_params, finetune_losses.LOSSES[method],
+        lambda key, step: data_lib.sample_finetune_batch(key, setup.data, batch_size), mesh=mesh,
+        ref_params=base_params if method == "dpo" else None,  # the frozen reference: never in the state
+        tokens_per_example=2 * setup.data.T)  # both completions of every example go through the model
 
 
 def main(argv):
-    logging.get_absl_handler().addFilter(launch_pretrain._QuietOrbax())
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
-    FLAGS = flags.FLAGS
-    if FLAGS.config is None or not FLAGS.workdir or not _BASE.value:
-        sys.exit("error: --config, --base and --workdir are required")
-    try:
-        run(FLAGS.config, _BASE.value, FLAGS.workdir, base_replica=_BASE_REPLICA.value,
-            distributed=FLAGS.distributed)
-    except (train_lib.ConfigError, RunError, ckpt_lib.CheckpointError, train_lib.NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+    common.launch(argv, ("config", "base", "workdir"), lambda: run(
+        common.CONFIG.value, _BASE.value, common.WORKDIR.value, base_replica=_BASE_REPLICA.value,
+        distributed=common.DISTRIBUTED.value))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=launch_pretrain._parse_flags)
+    app.run(main, flags_parser=common.parse_flags)

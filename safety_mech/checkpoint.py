@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -90,18 +91,32 @@ def restore_state(manager: ocp.CheckpointManager, template, step: int | None = N
 
 
 def load_params(directory: str, step: int | None = None) -> dict:
-    """Parameters (plain nested dict of arrays) saved at ``step`` (default: latest) in ``directory``
-    (a ``checkpoints/`` folder or a run directory holding one)."""
+    """Parameters (plain nested dict of host numpy arrays) saved at ``step`` (default: latest) in
+    ``directory`` (a ``checkpoints/`` folder or a run directory holding one).
+
+    Independent of the writer's topology: the arrays are restored as numpy arrays whatever mesh
+    and device count saved them (a run pretrained on 4 devices fine-tunes on 1); place them with
+    ``sharding.put_replicated``."""
     if os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
         directory = os.path.join(directory, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise CheckpointError(f"no checkpoint directory {directory}")
-    manager = make_checkpoint_manager(directory, create=False)
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    # Both items registered so reading the metadata does not warn about the unread ``state`` item.
+    manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers={
+        "params": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint found in {directory}")
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    except Exception as e:
+        # Without explicit restore types orbax rebuilds the writer's shardings, which fails
+        # ("Topology mismatch") on another device count.
+        tree = manager.item_metadata(step)["params"].tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.PyTreeRestore(restore_args=as_numpy)))
+    except Exception as e:  # orbax raises many types for missing/truncated files
         raise CheckpointError(f"cannot load params of step {step} from {directory}: {_one_line(e)}") from None
+    finally:
+        manager.close()
     return restored["params"]

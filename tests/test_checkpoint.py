@@ -2,13 +2,19 @@
 are one-line errors."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import train_toy as toy
-from safety_mech import checkpoint, train
+from safety_mech import checkpoint, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_STEPS, CKPT_EVERY, KILL_AT = 8, 3, 5
 
@@ -101,3 +107,37 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(checkpoint.CheckpointError, match="cannot load params"):
         checkpoint.load_params(str(tmp_path))
+
+
+def test_load_params_on_another_device_count(tmp_path):
+    """A checkpoint written on a 4-device mesh (one leaf sharded, the rest replicated, as the
+    pretraining state) loads in a 1-device process as host numpy arrays: no "Topology mismatch"."""
+    assert jax.device_count() == 4  # conftest
+    mesh = sharding.make_mesh()
+    state = sharding.put_replicated(toy.init_state(jax.random.key(3)), mesh)
+    wte = state.params["wte"]["embedding"]
+    state = state._replace(params={**state.params, "wte": {
+        "embedding": jax.device_put(wte, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))}})
+    manager = checkpoint.make_checkpoint_manager(checkpoint.checkpoint_dir(str(tmp_path)))
+    checkpoint.save_state(manager, state)
+    manager.close()
+    np.savez(tmp_path / "expected.npz", *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+    script = (
+        "import sys, jax, numpy as np\n"
+        "from safety_mech import checkpoint\n"
+        "assert jax.device_count() == 1, jax.devices()\n"
+        "params = checkpoint.load_params(sys.argv[1])\n"
+        "leaves = jax.tree.leaves(params)\n"
+        "assert all(type(x) is np.ndarray for x in leaves), [type(x) for x in leaves]\n"
+        "expected = np.load(sys.argv[1] + '/expected.npz')\n"
+        "for i, x in enumerate(leaves):\n"
+        "    np.testing.assert_array_equal(x, expected[f'arr_{i}'])\n"
+        "print('ok', len(leaves))\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-2000:]
+    # and in this 4-device process, as numpy too
+    params = checkpoint.load_params(str(tmp_path))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))

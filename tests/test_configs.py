@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from configs import pretrain
-from launch import pretrain as launch_pretrain
+from launch import common
 from safety_mech import model as model_lib
 from safety_mech.train import ConfigError
 
@@ -89,13 +89,13 @@ def test_unknown_and_derived_keys_are_rejected():
 def test_workdir_with_other_config_is_refused(tmp_path):
     cfg = pretrain.get_config("tiny")
     workdir = str(tmp_path)
-    assert launch_pretrain.check_workdir(workdir, cfg.to_dict()) is False  # empty: start
+    assert common.check_workdir(workdir, cfg.to_dict()) is False  # empty: start
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     cfg.train.log_every = 7  # cadence changes are fine
-    assert launch_pretrain.check_workdir(workdir, cfg.to_dict()) is False  # no checkpoint yet
+    assert common.check_workdir(workdir, cfg.to_dict()) is False  # no checkpoint yet
     cfg.opt.lr = 1e-2
-    with pytest.raises(launch_pretrain.RunError, match=r"different config \(opt.lr\)"):
-        launch_pretrain.check_workdir(workdir, cfg.to_dict())
+    with pytest.raises(common.RunError, match=r"different config \(opt.lr\)"):
+        common.check_workdir(workdir, cfg.to_dict())
 
 
 @pytest.mark.parametrize("override,match", [
