@@ -9,13 +9,17 @@ Command (``tiny`` is the CPU default; dotted overrides work for every key)::
 
 Presets:
 
-* ``tiny``: 3 layers, 4 heads, d=128, MLP 512 (608k parameters), text 5..10 letters (T = 40), batch
-  128, 3000 steps, lr 3e-3 (warmup 300, cosine to 3e-5 at 2400). A plausible CPU-sized setting, NOT
-  tuned yet. Runtime on the 2-core development VM (shared with other jobs): 0.55 s per step at load
-  ~1.5, 0.7-0.95 s at load ~3, after ~25 s of compilation: 30-50 min for 3000 steps, plus ~8 s per
-  periodic evaluation (256 examples) and ~40 s for the final one (1000 examples). Expected metrics: not yet
-  established (no full tiny run has been made); after 50 steps train/loss ≈ 3.3 and
-  eval/safe/gen_instruct = 0.
+* ``tiny``: the CPU default, sized to finish in ~10 minutes on a 2-core machine: 3 prenorm layers,
+  4 heads, d=96, MLP 384, learned positions, text 6..8 letters (T = 34), batch 128, 1500 steps, lr
+  3e-3 (warmup 100, cosine to 3e-5 at 1500), a special operator in every example
+  (``p_four_iid=0``) and a curriculum that starts with fewer text-only examples
+  (0.1, 0.3, 0.3, 0.3) -> (0.05, 0.35, 0.3, 0.3). Measured on the 2-core development VM (session 1,
+  `python -m launch.pretrain --config configs/pretrain.py:tiny --workdir runs/pre`): 8.6 min wall
+  including compilation and evaluations, ~14k tokens/s; eval/safe/tf_token_acc 0.22 / 0.54 / 0.61
+  at steps 500 / 1000 / 1500; final eval/safe/gen_instruct 0.003 on 1000 held-out safe inputs.
+  The issue's target (>= 0.9 in 10 minutes) is NOT reached yet. Runs with the paper block and
+  sinusoidal positions (text 6..8, d=96) reached tf_token_acc 0.20-0.22 at step 900; prenorm 0.34;
+  ``p_four_iid=0`` 0.31.
 * ``paper``: SPEC §5 exactly: 6 layers, 6 heads, d=192, MLP 768, tanh-GELU, sinusoidal positions
   (2,688,000 parameters), batch 512 of text 25..35 (T = 115), 100k steps, AdamW β=(0.9, 0.95), lr
   1e-3, linear warmup 20k, cosine to 1e-5 at 80k then constant, weight decay 1e-4 on dense kernels,
@@ -52,10 +56,14 @@ DERIVED_MODEL_KEYS = ("vocab_size", "seq_len")
 
 _PRESETS = {
     "tiny": dict(
-        data=dict(min_len=5, max_len=10),
-        model=dict(n_layer=3, n_head=4, d_model=128, d_mlp=512),
-        opt=dict(lr=3e-3, min_lr=3e-5, warmup_steps=300, decay_end_step=2400),
-        train=dict(steps=3000, batch_size=128, log_every=50, eval_every=500, ckpt_every=500),
+        # Measured choices (see the docstring): prenorm blocks and learned positions learn faster
+        # than the paper block here, and a special operator in every example (p_four_iid=0) puts
+        # '(' in a slot far more often, which gives single-operator supervision early.
+        data=dict(min_len=6, max_len=8, p_four_iid=0.0,
+                  mode_probs_start=(0.1, 0.3, 0.3, 0.3), mode_probs_end=(0.05, 0.35, 0.3, 0.3)),
+        model=dict(n_layer=3, n_head=4, d_model=96, d_mlp=384, block="prenorm", pos="learned"),
+        opt=dict(lr=3e-3, min_lr=3e-5, warmup_steps=100, decay_end_step=1500),
+        train=dict(steps=1500, batch_size=128, log_every=50, eval_every=500, ckpt_every=500),
         eval=dict(n_periodic=256, n_final=1000, batch_size=500),
     ),
     "paper": dict(

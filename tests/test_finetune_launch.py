@@ -50,11 +50,13 @@ def test_config_overrides_and_errors():
     cfg.method.beta = 0.1  # textbook DPO: one change
     cfg.train.normalize = "tokens"  # one field with method.normalize
     s = ft_config.validate(ft_config.inherit_from_base(cfg, base))
-    assert s.method.betas == (0.1, 0.1) and s.method.normalize == "tokens" and s.data.T == 40
+    assert s.method.betas == (0.1, 0.1) and s.method.normalize == "tokens"
+    assert s.data.T == 3 * base["data"]["max_len"] + 10  # lengths inherited from the base run
+    assert s.data.p_four_iid == base["data"]["p_four_iid"]
     with pytest.raises(ConfigError, match="config.model.n_layer is unset"):
         ft_config.validate(cfg)
     cfg.model.d_model = 64
-    with pytest.raises(ConfigError, match=r"config.model.d_model=64 does not match B \(model.d_model=128\)"):
+    with pytest.raises(ConfigError, match=rf"config.model.d_model=64 does not match B \(model.d_model={base['model']['d_model']}\)"):
         ft_config.inherit_from_base(cfg, base, "B")
     cfg = ft_config.get_config("unlearn:tiny")
     cfg.method.w_l = -1.0
