@@ -621,4 +621,5 @@ def response_of(tokens, prompt_len) -> list:
 
 
 def tree_to_numpy(batch: dict) -> dict[str, Any]:
+    """A sampled batch as host numpy arrays."""
     return {k: np.asarray(v) for k, v in batch.items()}
