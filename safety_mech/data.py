@@ -100,15 +100,6 @@ class DataConfig:
         """Sequence length."""
         return self.seq_len or 3 * self.max_len + 10
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
-        """Build from a plain dict (e.g. ``cfg.data.to_dict()``); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"DataConfig: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**values)
-
 
 # ----------------------------------------------------------------------------------------------
 # Constant tables (numpy, built once; jnp constants inside jit)

@@ -357,9 +357,10 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_from_dict_rejects_unknown_keys():
+    from safety_mech.train import dataclass_from_config  # the one config-group builder
     with pytest.raises(ValueError, match="unknown key"):
-        data.DataConfig.from_dict({"max_len": 10, "maxlen": 3})
-    assert data.DataConfig.from_dict({"mode_probs_start": [0.25] * 4}).mode_probs_start == (0.25,) * 4
+        dataclass_from_config(data.DataConfig, {"max_len": 10, "maxlen": 3}, "data")
+    assert data.DataConfig(mode_probs_start=[0.25] * 4).mode_probs_start == (0.25,) * 4
 
 
 def test_decode():
