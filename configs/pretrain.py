@@ -9,22 +9,25 @@ Command (``tiny`` is the CPU default; dotted overrides work for every key)::
 
 Presets:
 
-* ``tiny``: the CPU default, sized to finish in ~10 minutes on a 2-core machine: 3 prenorm layers,
-  4 heads, d=96, MLP 384, learned positions, text 6..8 letters (T = 34), batch 128, 1500 steps, lr
-  3e-3 (warmup 100, cosine to 3e-5 at 1500), a special operator in every example
-  (``p_four_iid=0``) and a curriculum that starts with fewer text-only examples
-  (0.1, 0.3, 0.3, 0.3) -> (0.05, 0.35, 0.3, 0.3). Measured on the 2-core development VM (session 1,
-  `python -m launch.pretrain --config configs/pretrain.py:tiny --workdir runs/pre`): 8.6 min wall
-  including compilation and evaluations, ~14k tokens/s; eval/safe/tf_token_acc 0.22 / 0.54 / 0.61
-  at steps 500 / 1000 / 1500; final eval/safe/gen_instruct 0.003 on 1000 held-out safe inputs.
-  The issue's target (>= 0.9 in 10 minutes) is NOT reached yet. Runs with the paper block and
-  sinusoidal positions (text 6..8, d=96) reached tf_token_acc 0.20-0.22 at step 900; prenorm 0.34;
-  ``p_four_iid=0`` 0.31.
+* ``tiny``: the CPU default, sized to finish in under 10 minutes on a 2-core machine: 2 prenorm
+  layers, 4 heads, d=96, MLP 384, learned positions (236,928 parameters), text of exactly 6 letters
+  (T = 28), four i.i.d. operators in every example (``p_four_iid=1``), batch 128, 2000 steps, lr
+  3e-3 (warmup 100, cosine to 3e-5 at step 2000), curriculum (0.1, 0.3, 0.3, 0.3) -> (0.05, 0.35,
+  0.3, 0.3). Chosen with a 40-run sweep on a GPU (``benchmarks/tiny_preset_sweep.md``): a fixed text
+  length makes the copy offset constant (text 6..8 stayed below 0.25 in 3000 steps), and the
+  plateau near 0.55 ends when two-operator composition is learned, sooner the more examples need
+  it. Measured on the 2-core development VM (session 2, shared with another job: ~11k tokens/s,
+  ~19k alone), ``python -m launch.pretrain --config configs/pretrain.py:tiny --workdir runs/pre``:
+  eval/safe/gen_instruct 0.055 / 0.36 / 0.99 at steps 500 / 1000 / 1500 (256 inputs) and 1.000 on
+  the final 1000 held-out safe inputs. With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
+  seeds 0-4: 0.958, 1.000, 0.999, 0.671, 0.708): the composition phase starts at a random time,
+  and more composition examples make it start earlier.
 * ``paper``: SPEC §5 exactly: 6 layers, 6 heads, d=192, MLP 768, tanh-GELU, sinusoidal positions
   (2,688,000 parameters), batch 512 of text 25..35 (T = 115), 100k steps, AdamW β=(0.9, 0.95), lr
   1e-3, linear warmup 20k, cosine to 1e-5 at 80k then constant, weight decay 1e-4 on dense kernels,
   clip 1.0; curriculum held for warmup/2 = 10k steps, then linear to the end values at the last
-  step. Runtime: not measured on an accelerator yet. On the 2-core development VM a batch-64 step
+  step. Runtime on one NVIDIA H200 (session 2): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so
+  the 100k steps take about 29 minutes plus evaluations. On the 2-core development VM a batch-64 step
   takes 3.1-4.8 s (27-42 GFLOP/s), so this preset is for a GPU/TPU: one step is 6·2.69M·58,880 ≈ 0.95
   TFLOP plus attention (≈ 1.04 TFLOP), 1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
   close to 1 (the paper's pretrained model follows instructions on safe inputs; its exact numbers
@@ -56,14 +59,17 @@ DERIVED_MODEL_KEYS = ("vocab_size", "seq_len")
 
 _PRESETS = {
     "tiny": dict(
-        # Measured choices (see the docstring): prenorm blocks and learned positions learn faster
-        # than the paper block here, and a special operator in every example (p_four_iid=0) puts
-        # '(' in a slot far more often, which gives single-operator supervision early.
-        data=dict(min_len=6, max_len=8, p_four_iid=0.0,
+        # Chosen by a sweep of 40 runs on a GPU (benchmarks/tiny_preset_sweep.md) and two CPU runs: a
+        # fixed text length makes the copy offset between text and output a constant (text 6..8
+        # never got past 0.25 gen_instruct in 3000 steps, text 6 reaches 1.0); 2 prenorm layers
+        # learn as fast per step as 3 and cost less; four i.i.d. operators in every example (two
+        # real compositions) make the composition phase start earlier (p_four_iid 0.5: 0.86 at
+        # step 2000 on the CPU; 1.0: 0.99 at step 1500, 1.0 at 2000).
+        data=dict(min_len=6, max_len=6, p_four_iid=1.0,
                   mode_probs_start=(0.1, 0.3, 0.3, 0.3), mode_probs_end=(0.05, 0.35, 0.3, 0.3)),
-        model=dict(n_layer=3, n_head=4, d_model=96, d_mlp=384, block="prenorm", pos="learned"),
-        opt=dict(lr=3e-3, min_lr=3e-5, warmup_steps=100, decay_end_step=1500),
-        train=dict(steps=1500, batch_size=128, log_every=50, eval_every=500, ckpt_every=500),
+        model=dict(n_layer=2, n_head=4, d_model=96, d_mlp=384, block="prenorm", pos="learned"),
+        opt=dict(lr=3e-3, min_lr=3e-5, warmup_steps=100, decay_end_step=2000),
+        train=dict(steps=2000, batch_size=128, log_every=50, eval_every=500, ckpt_every=500),
         eval=dict(n_periodic=256, n_final=1000, batch_size=500),
     ),
     "paper": dict(
