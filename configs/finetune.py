@@ -29,13 +29,15 @@ learning rate are more replicas, e.g. ``--config.train.n_replicas=4
 * ``paper``: SPEC §8 exactly: 10k steps, batch 512, warmup 2k, cosine to 1e-6 at step 8k, ηM = 1e-4,
   ηS = 1e-5; DPO β_w = 0.1, β_l = 0.01; unlearning w_w = 1, w_l = 0.1. For a GPU/TPU (base: the
   ``pretrain.py:paper`` run). Runtime: to be measured.
-* ``tiny``: the same shape scaled to CPU: 400 steps, batch 128, warmup 50, cosine to step 320,
-  ηM = 3e-4, ηS = 3e-5 (the paper's ratios to the pretraining lr; the tiny pretraining uses 3e-3),
-  min lr 3e-6; base: the ``pretrain.py:tiny`` run. NOT tuned. Runtime on the 2-core development VM
-  (shared, load ~1.5-2), measured over 8 steps after ~20 s of compilation: SSFT 1.3 s per step,
-  unlearning 2.1 s, DPO 2.6 s (both replicas), i.e. 9 / 14 / 17 min for 400 steps, plus the
-  evaluations (2 sets × 2 replicas; estimated from the tiny pretraining's: ~30 s each periodic one,
-  ~3 min for the final one). A full tiny run has not been made yet.
+* ``tiny``: the same shape scaled to the CPU: 300 steps of batch 64, warmup 20, cosine to 1e-6 at
+  step 300, ηM = 1e-3, ηS = 1e-4 (ratio 10 as in the paper; of 1e-3 and 3e-4, 1e-3 raised Null
+  further in 300 steps), base: the ``pretrain.py:tiny`` run. Only the final evaluation runs (``launch.evaluate``
+  scores every set afterwards). Measured in session 2 (2-core VM, alone; the reproduce run's
+  stages, base = the tiny pretraining at 100% Instruct): SSFT 87 s, DPO 130 s, unlearning 116 s
+  (both replicas, compilation and the final evaluation included). At ηM, Instruct on safe / Null on
+  unsafe (1000 inputs each): SSFT 90.7% / 37.6%, DPO 69.2% / 70.3%, unlearning 63.1% / 77.1%; at
+  ηS: 75.6 / 9.4, 45.7 / 29.5, 40.1 / 39.6. The tiny model's 6-letter texts do not always reveal
+  the grammar branch that makes an input unsafe (README.md), which bounds these numbers.
 
 Expected metrics (both presets): to be measured. What to look at: ``train/logp_undesired`` falls and
 ``train/logp_desired`` rises (SSFT, unlearning), ``train/reward_margin`` / ``train/reward_accuracy``
@@ -75,8 +77,8 @@ MODEL_KEYS = tuple(f.name for f in dataclasses.fields(model_lib.ModelConfig)
 
 _PRESETS = {
     "tiny": dict(
-        opt=dict(lr=3e-4, min_lr=3e-6, warmup_steps=50, decay_end_step=320, replica_lrs=(3e-4, 3e-5)),
-        train=dict(steps=400, batch_size=128, n_replicas=2, log_every=20, eval_every=100, ckpt_every=100),
+        opt=dict(lr=1e-3, min_lr=1e-6, warmup_steps=20, decay_end_step=300, replica_lrs=(1e-3, 1e-4)),
+        train=dict(steps=300, batch_size=64, n_replicas=2, log_every=50, eval_every=300, ckpt_every=300),
         eval=dict(n_periodic=256, n_final=1000, batch_size=500, sets=("safe", "unsafe")),
     ),
     "paper": dict(
