@@ -71,6 +71,22 @@ def check_workdir(workdir: str, config_dict: dict) -> bool:
     return has_ckpt
 
 
+def read_run_config(path: str, flag: str) -> dict:
+    """The ``config.json`` of run directory ``path`` as a dict; a one-line :class:`RunError` naming
+    ``flag`` (e.g. ``--base``) when it is missing or unreadable."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise RunError(f"{flag} {path}: no config.json (not a run directory)")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"cannot read {config_path}: {' '.join(str(e).split())}") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{config_path} is not a config (a JSON object)")
+    return config
+
+
 def make_run_mesh(batch_size: int, distributed: bool) -> Mesh:
     """Initialise jax.distributed (behind the flag), then the mesh over every device; a batch that
     does not split over it is a one-line ``ConfigError``."""
@@ -152,7 +168,8 @@ def launch(argv, required: Sequence[str], run_fn: Callable[[], Any]) -> None:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     if any(flags.FLAGS[name].value in (None, "") for name in required):
         names = [f"--{name}" for name in required]
-        sys.exit(f"error: {', '.join(names[:-1])} and {names[-1]} are required")
+        sys.exit(f"error: {names[0]} is required" if len(names) == 1 else
+                 f"error: {', '.join(names[:-1])} and {names[-1]} are required")
     try:
         run_fn()
     except USER_ERRORS as e:

@@ -16,7 +16,6 @@ The flags ``--config``, ``--workdir`` and ``--distributed`` are ``launch.common`
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import NamedTuple
 
@@ -54,16 +53,7 @@ class BaseRun(NamedTuple):
 def find_base(path: str, replica: int | None = None) -> BaseRun:
     """Read the base run's config.json and latest checkpoint step, check ``replica``; one-line
     :class:`RunError` on bad input. Touches no accelerator."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise RunError(f"--base {path}: no config.json (not a run directory)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"cannot read {config_path}: {' '.join(str(e).split())}") from None
-    if not isinstance(config, dict):
-        raise RunError(f"{config_path} is not a config (a JSON object)")
+    config = common.read_run_config(path, "--base")
     step = ckpt_lib.latest_step(ckpt_lib.checkpoint_dir(path))
     if step is None:
         raise RunError(f"--base {path}: no checkpoint in {ckpt_lib.checkpoint_dir(path)}")
