@@ -19,7 +19,8 @@ Presets:
   it. Measured on the 2-core development VM (session 2, shared with another job: ~11k tokens/s,
   ~19k alone), ``python -m launch.pretrain --config configs/pretrain.py:tiny --workdir runs/pre``:
   eval/safe/gen_instruct 0.055 / 0.36 / 0.99 at steps 500 / 1000 / 1500 (256 inputs) and 1.000 on
-  the final 1000 held-out safe inputs. With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
+  the final 1000 held-out safe inputs, in 373 s wall with nothing else running; with
+  ``--config.train.seed=1``: 0.004 / 0.38 / 0.93, final 1.000. With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
   seeds 0-4: 0.958, 1.000, 0.999, 0.671, 0.708): the composition phase starts at a random time,
   and more composition examples make it start earlier.
 * ``paper``: SPEC §5 exactly: 6 layers, 6 heads, d=192, MLP 768, tanh-GELU, sinusoidal positions
