@@ -54,8 +54,8 @@ def _check_group(cfg, group: str, keys) -> dict:
 
 
 def validate(cfg):
-    """Every group of ``cfg`` checked (one-line ``ConfigError``); returns the evaluate and analyze
-    arguments."""
+    """Every group of ``cfg`` checked (one-line ``ConfigError``); returns the fine-tuning setups
+    (``reproduce_config.finetune_configs``) and the evaluate and analyze arguments."""
     unknown = sorted(set(cfg.keys()) - set(reproduce_config.GROUPS))
     missing = sorted(set(reproduce_config.GROUPS) - set(cfg.keys()))
     if unknown or missing:
@@ -64,7 +64,7 @@ def validate(cfg):
     if sorted(cfg.finetune.keys()) != sorted(METHODS):
         raise train_lib.ConfigError(f"config.finetune must hold exactly {list(METHODS)}, got {sorted(cfg.finetune.keys())}")
     pretrain_config.validate(cfg.pretrain)
-    reproduce_config.finetune_configs(cfg)
+    finetune = reproduce_config.finetune_configs(cfg)
     ev = _check_group(cfg, "evaluate", EVALUATE_KEYS)
     an = _check_group(cfg, "analyze", ANALYZE_KEYS)
     bad_sets = [s for s in ev["sets"] if s not in data_lib.EVAL_SETS]
@@ -81,7 +81,7 @@ def validate(cfg):
         raise train_lib.ConfigError(f"config.analyze.sets {list(an['sets'])}: names from {data_lib.EVAL_SETS}, "
                                     "safe and unsafe included")
     ev["sets"], an["sets"] = tuple(ev["sets"]), tuple(an["sets"])
-    return ev, an
+    return finetune, ev, an
 
 
 def training_finished(run_dir: str, steps: int) -> bool:
@@ -105,7 +105,6 @@ class Stages:
     """Runs stages in order, skipping finished ones, and records their wall times."""
 
     def __init__(self, workdir: str):
-        self.workdir = workdir
         self.path = os.path.join(workdir, "timings.json")
         self.timings = {}
         if os.path.exists(self.path):
@@ -127,8 +126,7 @@ class Stages:
 
 def run(cfg, workdir: str, *, distributed: bool = False) -> dict:
     """The whole study in ``workdir`` (see the module docstring); returns ``results.json``'s dict."""
-    ev, an = validate(cfg)
-    finetune = reproduce_config.finetune_configs(cfg)
+    finetune, ev, an = validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     stage = Stages(workdir)
     t_start = time.perf_counter()
