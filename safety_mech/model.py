@@ -219,14 +219,8 @@ def _layer_norm(x, p, eps):
 
 
 def _dense(x, p, dt):
-    """x @ kernel (+ bias): inputs cast to the compute dtype, float32 accumulation and output.
-
-    The leading axes are flattened into one so that the backward pass's kernel gradient is a plain
-    2-D GEMM (xᵀ dy) rather than a dot with two contracting axes, which XLA:CPU lowers through layout
-    copies: measured 19% faster for the tiny preset's training step, 6% at the paper size."""
-    lead = x.shape[:-1]
-    y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dt), p["kernel"].astype(dt), preferred_element_type=jnp.float32)
-    y = y.reshape(*lead, y.shape[-1])
+    """x @ kernel (+ bias): inputs cast to the compute dtype, float32 accumulation and output."""
+    y = jnp.matmul(x.astype(dt), p["kernel"].astype(dt), preferred_element_type=jnp.float32)
     return y + p["bias"] if "bias" in p else y
 
 
