@@ -19,7 +19,8 @@ Groups:
   ``seed``, ``energy``, ``batch_size``).
 
 ``micro`` is the ``tiny`` shape shrunk to a smoke test (1 layer, d=16, a few steps, small sets): it
-exercises every stage in about a minute and learns nothing; the end-to-end test uses it.
+exercises every stage in about two minutes on 2 CPU cores and learns nothing; the end-to-end test
+uses it.
 """
 from __future__ import annotations
 
