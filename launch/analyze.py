@@ -72,6 +72,7 @@ from safety_mech import data as data_lib
 from safety_mech import evaluate as eval_lib
 from safety_mech import model as model_lib
 from safety_mech import train as train_lib
+from safety_mech.report import verdict
 from safety_mech.analysis import activations, interventions, lipschitz, plots, weights
 
 FLAGS = flags.FlagValues()
@@ -318,16 +319,8 @@ def _map_chunks(fn, arrays, batch_size, out_axis=0):
     return activations.map_in_chunks(fn, [np.asarray(a) for a in arrays], batch_size, out_axis=out_axis)
 
 
-# Adversarial inputs come as embeddings; these two mirror activations.collect_window and
-# lipschitz.lipschitz_scores for an embeddings input.
-@functools.partial(jax.jit, static_argnames=("model_cfg", "site", "average"))
-def _embedding_window(params, E_BxTxD, prompt_len_B, *, model_cfg, site, average):
-    _, acts = model_lib.apply(params, model_cfg, embeddings=E_BxTxD, capture=True)
-    idx_BxP = prompt_len_B[:, None] - 1 + jnp.arange(POSITIONS)[None]
-    win_LxBxPxW = jax.vmap(lambda a: jnp.take_along_axis(a, idx_BxP[..., None], axis=1))(acts[site])
-    return win_LxBxPxW.mean(2) if average else win_LxBxPxW
-
-
+# Adversarial inputs come as embeddings: this mirrors lipschitz.lipschitz_scores for an embeddings
+# input (activation windows use activations.window(..., embedded=True)).
 @functools.partial(jax.jit, static_argnames="model_cfg")
 def _embedding_lipschitz(params, E_BxTxD, prompt_len_B, *, model_cfg):
     return lipschitz.max_logit_grad_norm(lambda E: model_lib.apply(params, model_cfg, embeddings=E),
@@ -352,7 +345,8 @@ class Adversarial(NamedTuple):
 
     def window(self, params, model_cfg, site, average, batch_size):
         T = int(self.prompt_len.max()) - 1 + POSITIONS
-        fn = functools.partial(_embedding_window, params, model_cfg=model_cfg, site=site, average=average)
+        fn = functools.partial(activations.window, params, model_cfg=model_cfg, site=site, positions=POSITIONS,
+                               average=average, embedded=True)
         return _map_chunks(fn, [self.E[:, :T], self.prompt_len], batch_size, out_axis=1)
 
     def lipschitz(self, params, model_cfg, batch_size):
@@ -453,13 +447,6 @@ def sweep_entry(params_it, params_st, model_cfg, alphas, modes, metrics_fn, eval
 # ----------------------------------------------------------------------------------------------
 
 
-def _verdict(checks: list) -> str:
-    if not checks:
-        raise ValueError("no checks")
-    n = sum(bool(c) for c in checks)
-    return "held" if n == len(checks) else "not held" if n == 0 else "partly"
-
-
 def _separation(tau_model: dict, layer: int) -> float:
     """(mean τ_safe − mean τ_unsafe) / sqrt((std_safe² + std_unsafe²) / 2) at ``layer``."""
     s, u = tau_model["safe"], tau_model["unsafe"]
@@ -482,13 +469,13 @@ def findings(result: dict) -> tuple[dict, dict]:
                 "model with its own held-out cluster means")
     nums = {m: {"base": _separation(tau[BASE_NAME], deep), "fine-tuned": _separation(tau[m], deep)} for m in models}
     found["tau_separates_after_finetuning"] = dict(
-        held=_verdict([v["fine-tuned"] > v["base"] for v in nums.values()]), numbers=nums,
+        held=verdict([v["fine-tuned"] > v["base"] for v in nums.values()]), numbers=nums,
         rule=f"{sep_rule}; at the deepest layer d(fine-tuned) > d(base), for every fine-tuned model")
 
     if n_layers >= 2:
         nums = {m: {"gain_first_layer": gain(m, 0), "gain_deepest_layer": gain(m, deep)} for m in models}
         found["tau_separation_grows_with_depth"] = dict(
-            held=_verdict([v["gain_deepest_layer"] > v["gain_first_layer"] for v in nums.values()]), numbers=nums,
+            held=verdict([v["gain_deepest_layer"] > v["gain_first_layer"] for v in nums.values()]), numbers=nums,
             rule="gain = d(fine-tuned) − d(base) (d as in tau_separates_after_finetuning); gain at the deepest "
                  "layer > gain at layer 0, for every fine-tuned model")
     else:
@@ -507,7 +494,7 @@ def findings(result: dict) -> tuple[dict, dict]:
                      "gain_eta_S": mean_gain[lrs[0]]}
     if nums:
         found["tau_separation_larger_with_eta_M"] = dict(
-            held=_verdict([v["gain_eta_M"] > v["gain_eta_S"] for v in nums.values()]), numbers=nums,
+            held=verdict([v["gain_eta_M"] > v["gain_eta_S"] for v in nums.values()]), numbers=nums,
             rule="per run: mean gain (deepest layer, over seeds) of the largest-lr replicas > that of the "
                  "smallest-lr replicas")
     else:
@@ -522,7 +509,7 @@ def findings(result: dict) -> tuple[dict, dict]:
             top_lr = max(models[m]["lr"] for m in names)
             per_method[meth] = float(np.mean([gain(m, deep) for m in names if models[m]["lr"] == top_lr]))
         found["tau_separation_ssft_lt_dpo_lt_unlearn"] = dict(
-            held=_verdict([per_method[a] < per_method[b] for a, b in zip(order, order[1:])]), numbers=per_method,
+            held=verdict([per_method[a] < per_method[b] for a, b in zip(order, order[1:])]), numbers=per_method,
             rule="mean gain at the deepest layer of each method's largest-lr models (runs fine-tuned directly "
                  "from the base) increases in the order ssft < dpo < unlearn, for each consecutive pair present")
     else:
@@ -532,12 +519,12 @@ def findings(result: dict) -> tuple[dict, dict]:
     mats = [(m, layer, name, mat) for m in models for layer, per in w[m].items() for name, mat in per.items()]
     nums = {m: max(mat["rel_norm"] for mm, _, _, mat in mats if mm == m) for m in models}
     found["delta_w_small"] = dict(
-        held=_verdict([v < SMALL_REL_NORM for v in nums.values()]), numbers={"max_rel_norm": nums},
+        held=verdict([v < SMALL_REL_NORM for v in nums.values()]), numbers={"max_rel_norm": nums},
         rule=f"max over MLP matrices of ‖ΔW‖_F/‖W_IT‖_F < {SMALL_REL_NORM}, for every fine-tuned model")
     nums = {f"{m} {layer}/{name}": [mat["effective_rank"], mat["random_effective_rank"]]
             for m, layer, name, mat in mats}
     found["delta_w_low_rank"] = dict(
-        held=_verdict([a < b for a, b in nums.values()]), numbers={"effective_rank_vs_gaussian": nums},
+        held=verdict([a < b for a, b in nums.values()]), numbers={"effective_rank_vs_gaussian": nums},
         rule="effective rank (energy cut) of ΔW < that of a Gaussian matrix of the same shape, for every MLP "
              "matrix of every fine-tuned model")
     nums = {f"{m} {layer}/{name}": dict(energy_fraction=mat["null_space"]["energy_fraction"],
@@ -546,7 +533,7 @@ def findings(result: dict) -> tuple[dict, dict]:
                                         random_score=mat["null_space"]["random_score_expected"])
             for m, layer, name, mat in mats}
     found["delta_w_outside_col_w_it"] = dict(
-        held=_verdict([v["energy_fraction"] > v["random_energy_fraction"] and v["mean_score"] > v["random_score"]
+        held=verdict([v["energy_fraction"] > v["random_energy_fraction"] and v["mean_score"] > v["random_score"]
                        for v in nums.values()]), numbers=nums,
         rule="‖(I−P)ΔW‖²/‖ΔW‖² > its random baseline 1 − k_IT/out and the mean s_i of ΔW's top directions > "
              "sqrt(1 − k_IT/out), for every MLP matrix of every fine-tuned model")
@@ -555,7 +542,7 @@ def findings(result: dict) -> tuple[dict, dict]:
     nums = {m: {"safe": rs[m]["sets"]["safe"]["delta_over_input_mean"],
                 "unsafe": rs[m]["sets"]["unsafe"]["delta_over_input_mean"]} for m in models}
     found["delta_w_acts_more_on_unsafe"] = dict(
-        held=_verdict([u > s for v in nums.values() for s, u in zip(v["safe"], v["unsafe"])]), numbers=nums,
+        held=verdict([u > s for v in nums.values() for s, u in zip(v["safe"], v["unsafe"])]), numbers=nums,
         rule="mean ‖ΔW a‖/‖a‖ (first MLP layer, EOT..EOT+9) on unsafe > on safe inputs, per layer and model")
 
     lip = result["lipschitz"]
@@ -563,7 +550,7 @@ def findings(result: dict) -> tuple[dict, dict]:
                                                                                             ("fine-tuned", m))}
             for m in models}
     found["lipschitz_falls_on_unsafe_rises_on_safe"] = dict(
-        held=_verdict([c for v in nums.values() for c in (v["unsafe_fine-tuned"] < v["unsafe_base"],
+        held=verdict([c for v in nums.values() for c in (v["unsafe_fine-tuned"] < v["unsafe_base"],
                                                           v["safe_fine-tuned"] > v["safe_base"])]), numbers=nums,
         rule="mean Lipschitz score: fine-tuned < base on unsafe inputs and fine-tuned > base on safe inputs "
              "(two checks per model)")
@@ -574,7 +561,7 @@ def findings(result: dict) -> tuple[dict, dict]:
                         "midpoint": (tau[m]["safe"]["mean"][deep] + tau[m]["unsafe"]["mean"][deep]) / 2}
                     for s in attack_sets} for m in models}
         found["attack_activations_near_safe_cluster"] = dict(
-            held=_verdict([v["tau_mean"] > v["midpoint"] for per in nums.values() for v in per.values()]),
+            held=verdict([v["tau_mean"] > v["midpoint"] for per in nums.values() for v in per.values()]),
             numbers=nums,
             rule="at the deepest layer, mean τ of each jailbreak (and adversarial) set > the midpoint of the safe "
                  "and unsafe sets' mean τ, i.e. on the safe side, for every fine-tuned model")
@@ -590,7 +577,7 @@ def findings(result: dict) -> tuple[dict, dict]:
         nums = {m: {k: [sweeps[m][mode]["metrics"][k][i] for i in (i0, i1)] for k in ("safe/instruct", "unsafe/null")}
                 for m in models}
         found["null_rises_instruct_kept"] = dict(
-            held=_verdict([c for v in nums.values() for c in (v["unsafe/null"][1] > v["unsafe/null"][0],
+            held=verdict([c for v in nums.values() for c in (v["unsafe/null"][1] > v["unsafe/null"][0],
                                                               v["safe/instruct"][1] >= v["safe/instruct"][0]
                                                               - INSTRUCT_TOLERANCE)]),
             numbers={"[alpha=0, alpha=1]": nums},
@@ -605,7 +592,7 @@ def findings(result: dict) -> tuple[dict, dict]:
         nums = {m: {k: [sweeps[m][mode]["metrics"][k][i] for i in (i1, ia)] for k in ("safe/instruct", "unsafe/null")}
                 for m in ssft}
         found["alpha_above_1_safer"] = dict(
-            held=_verdict([c for v in nums.values() for c in (v["unsafe/null"][1] > v["unsafe/null"][0],
+            held=verdict([c for v in nums.values() for c in (v["unsafe/null"][1] > v["unsafe/null"][0],
                                                               v["safe/instruct"][1] >= v["safe/instruct"][0]
                                                               - INSTRUCT_TOLERANCE)]),
             numbers={f"[alpha=1, alpha={max(above):g}]": nums},

@@ -39,11 +39,12 @@ def map_in_chunks(fn, arrays, batch_size: int, out_axis: int = 0) -> np.ndarray:
     return np.concatenate(pieces, axis=out_axis)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "site", "positions", "layers", "average"))
-def _window(params, tokens_BxT, prompt_len_B, *, model_cfg, site, positions, layers, average):
+@functools.partial(jax.jit, static_argnames=("model_cfg", "site", "positions", "layers", "average", "embedded"))
+def window(params, inputs, prompt_len_B, *, model_cfg, site, positions, layers=None, average=False, embedded=False):
     """[L, B, P, W]: the site's activations at positions EOT .. EOT + P − 1, EOT = prompt_len − 1
-    ([L, B, W], their mean over P, with ``average``: reduced on device, 10x less to transfer)."""
-    _, acts = model.apply(params, model_cfg, tokens=tokens_BxT, capture=True)
+    ([L, B, W], their mean over P, with ``average``: reduced on device, 10x less to transfer), for
+    token ids ``inputs`` [B, T] or, with ``embedded``, input embeddings [B, T, D] (soft tokens)."""
+    _, acts = model.apply(params, model_cfg, **{"embeddings" if embedded else "tokens": inputs}, capture=True)
     act_LxBxTxW = acts[site] if layers is None else acts[site][jnp.asarray(layers)]
     idx_BxP = prompt_len_B[:, None] - 1 + jnp.arange(positions)[None]
     win_LxBxPxW = jax.vmap(lambda a_BxTxW: jnp.take_along_axis(a_BxTxW, idx_BxP[..., None], axis=1))(act_LxBxTxW)
@@ -70,7 +71,7 @@ def _collect(params, model_cfg, tokens, prompt_len, site, positions, layers, bat
     if np.any(prompt_len < 1) or T > tokens.shape[1]:
         raise ValueError(f"every window EOT..EOT+{positions - 1} (EOT = prompt_len - 1 >= 0) must fit in "
                          f"the {tokens.shape[1]} positions of tokens; max prompt_len is {np.max(prompt_len)}")
-    fn = functools.partial(_window, params, model_cfg=model_cfg, site=site, positions=positions,
+    fn = functools.partial(window, params, model_cfg=model_cfg, site=site, positions=positions,
                            layers=None if layers is None else tuple(int(i) for i in layers), average=average)
     return map_in_chunks(fn, (tokens[:, :T].astype(np.int32), prompt_len.astype(np.int32)), batch_size,
                          out_axis=1)
