@@ -30,7 +30,11 @@ split 0; the held-out split for the cluster means is split 1 (safe and unsafe, `
 Adversarial inputs (§9) are added as the set ``adversarial`` when ``safety_mech.attacks`` provides
 ``adversarial_inputs(params, model_cfg, batch, key) -> {"embeddings": [N, T, D], "prompt_len": [N]}``
 (the unsafe batch with soft tokens, as input embeddings of the whole teacher-forced sequence; EOT at
-``prompt_len - 1``); otherwise they are skipped and ``meta.adversarial`` says why.
+``prompt_len - 1``); otherwise they are skipped and ``meta.adversarial`` says why. With the default
+``adversarial_fn="auto"``, a fine-tuned model whose run was evaluated at the same step with the
+attack (``<run>/eval/adversarial.npz`` of ``launch.evaluate``) is studied on exactly the inputs its
+evaluation attacked (rebuilt from the saved soft tokens, no second attack);
+``meta.adversarial_sources`` names the source of each model's inputs.
 
 Writes ``<out>/analysis.json`` (top-level ``meta``, ``models``, ``weights``, ``row_space``, ``tau``,
 ``lipschitz``, ``alpha_sweep``, ``findings``, ``findings_unchecked``, ``figures``; every number is a
@@ -339,6 +343,24 @@ def adversarial_provider():
     return fn, "safety_mech.attacks.adversarial_inputs on the unsafe set"
 
 
+def saved_adversarial(info: dict, params, model_cfg) -> tuple[dict, str] | None:
+    """The evaluation's attacked inputs of a fine-tuned model (``info``: a :class:`Model`'s), as
+    ``adversarial_inputs`` returns them, and a note; None without a file of the model's step."""
+    if "run" not in info or info.get("replica") is None:
+        return None
+    path = os.path.join(info["run"], "eval", "adversarial.npz")
+    if not os.path.exists(path):
+        return None
+    from safety_mech import attacks  # noqa: PLC0415  (as adversarial_provider)
+    with np.load(path) as f:
+        saved = {k: f[k] for k in f.files}
+    if int(saved["step"]) != info["step"] or info["replica"] >= saved["soft"].shape[0]:
+        return None
+    batch = {k: saved[f"ev_{k}"] for k in eval_lib.EVAL_KEYS}
+    got = attacks.adversarial_from_soft(params, model_cfg, batch, saved["soft"][info["replica"]])
+    return got, f"{path} (the evaluation's attack: {len(batch['prompt'])} unsafe examples, k={int(saved['k'])})"
+
+
 class Adversarial(NamedTuple):
     E: np.ndarray  # [N, T, D] embeddings (float32)
     prompt_len: np.ndarray  # [N]
@@ -427,15 +449,20 @@ def lipschitz_entry(params, model_cfg, eval_sets, adversarial, batch_size) -> di
     return {name: dict(**_summary(s), scores=[float(v) for v in s]) for name, s in scores.items()}
 
 
-def sweep_entry(params_it, params_st, model_cfg, alphas, modes, metrics_fn, eval_sets, heldout, batch_size,
-                log) -> dict:
-    tau_fn = interventions.make_tau_fn(model_cfg, heldout["safe"], heldout["unsafe"],
-                                       {k: eval_sets[k] for k in ("safe", "unsafe")},
-                                       site=TAU_SITE, positions=POSITIONS, batch_size=batch_size)
+def sweep_tau_fn(model_cfg, eval_sets, heldout, batch_size) -> Callable:
+    """τ means per layer of ``safe`` and ``unsafe`` along α (each θ(α) with its own cluster means)."""
+    return interventions.make_tau_fn(model_cfg, heldout["safe"], heldout["unsafe"],
+                                     {k: eval_sets[k] for k in ("safe", "unsafe")},
+                                     site=TAU_SITE, positions=POSITIONS, batch_size=batch_size)
+
+
+def sweep_entry(params_it, params_st, model_cfg, alphas, modes, metrics_fn, tau_fn, at_zero, log) -> dict:
+    """§10.6 for one model; ``at_zero`` = (metrics_fn, tau_fn) of θ_IT, shared by every model and mode."""
     out = {}
     for mode in modes:
         sweep = interventions.alpha_sweep(params_it, params_st, alphas, metrics_fn, mlp_only=mode == "mlp",
-                                          extra_fn=tau_fn, progress=lambda i, a: log("  α sweep (%s): α=%g", mode, a))
+                                          extra_fn=tau_fn, at_zero=at_zero,
+                                          progress=lambda i, a: log("  α sweep (%s): α=%g", mode, a))
         out[mode] = dict(alpha=sweep["alpha"].tolist(),
                          metrics={k: v.tolist() for k, v in sweep["metrics"].items()},
                          tau_mean={k.split("/", 1)[1]: v.tolist() for k, v in sweep["extra"].items()})
@@ -698,6 +725,7 @@ def run(base: str, runs: Sequence[str], out: str, *, n: int = 256, n_heldout: in
         adv_fn, adv_note = adversarial_fn, f"{getattr(adversarial_fn, '__name__', 'adversarial_fn')} on the unsafe set"
     log("adversarial inputs: %s", adv_note)
     metrics_fn = make_safety_metrics(model_cfg, eval_sets["safe"], eval_sets["unsafe"], batch_size)
+    tau_fn, at_zero = sweep_tau_fn(model_cfg, eval_sets, heldout, batch_size), None
 
     result = dict(meta=dict(
         meta, n=n, n_heldout=n_heldout, seed=seed, energy=energy, top=top, alphas=alphas,
@@ -707,6 +735,7 @@ def run(base: str, runs: Sequence[str], out: str, *, n: int = 256, n_heldout: in
                "split 0: the evaluated sets (n), split 1: held-out safe/unsafe for the cluster means (n_heldout)"),
         models={BASE_NAME: base_model.info, **{m.name: m.info for m in models}},
         weights={}, row_space={}, tau={}, lipschitz={}, alpha_sweep={})
+    sources = result["meta"]["adversarial_sources"] = {}
     log("[base] τ and Lipschitz")
     result["tau"][BASE_NAME] = tau_entry(base_model.params, model_cfg, eval_sets, heldout, None, batch_size)
     result["lipschitz"][BASE_NAME] = lipschitz_entry(base_model.params, model_cfg, eval_sets, None, batch_size)
@@ -714,8 +743,14 @@ def run(base: str, runs: Sequence[str], out: str, *, n: int = 256, n_heldout: in
         tag = f"[{i}/{len(models)}] {m.name}"
         adv = None
         if adv_fn is not None:
-            log("%s: adversarial inputs", tag)
-            got = adv_fn(m.params, model_cfg, eval_sets["unsafe"], jax.random.fold_in(jax.random.key(seed), 2))
+            saved = saved_adversarial(m.info, m.params, model_cfg) if adversarial_fn == "auto" else None
+            if saved is not None:
+                got, sources[m.name] = saved
+                log("%s: adversarial inputs from %s", tag, sources[m.name])
+            else:
+                log("%s: adversarial inputs (attacking)", tag)
+                got = adv_fn(m.params, model_cfg, eval_sets["unsafe"], jax.random.fold_in(jax.random.key(seed), 2))
+                sources[m.name] = adv_note
             adv = Adversarial(np.asarray(got["embeddings"], np.float32), np.asarray(got["prompt_len"], np.int32))
             if adv.E.shape[1] < int(adv.prompt_len.max()) - 1 + POSITIONS:
                 raise ValueError(f"adversarial_inputs gave {adv.E.shape[1]} positions; the window "
@@ -730,8 +765,11 @@ def run(base: str, runs: Sequence[str], out: str, *, n: int = 256, n_heldout: in
         log("%s: Lipschitz (§10.5)", tag)
         result["lipschitz"][m.name] = lipschitz_entry(m.params, model_cfg, eval_sets, adv, batch_size)
         log("%s: α sweep (§10.6)", tag)
+        if at_zero is None and alpha_modes and 0.0 in alphas:
+            log("  α sweep: α=0 (θ_IT, computed once for every model)")
+            at_zero = (metrics_fn(base_model.params), tau_fn(base_model.params))
         result["alpha_sweep"][m.name] = sweep_entry(base_model.params, m.params, model_cfg, alphas, alpha_modes,
-                                                    metrics_fn, eval_sets, heldout, batch_size, log)
+                                                    metrics_fn, tau_fn, at_zero, log)
     bad: list = []
     result = _jsonable(result, "", bad)
     result["meta"]["non_finite"] = bad

@@ -17,7 +17,11 @@ Writes, in ``<run>/eval/``:
   ``<method>/lr=<lr>/seed=<seed>`` (``--name`` replaces the method, e.g. for cross-method runs);
   see ``safety_mech/evaluate.py`` for the metrics and the scheme;
 * ``table.md``: the paper's table (``evaluate.paper_table``) and the sweeps;
-* ``info.json``: what was evaluated (run, step, n, sets, models, attack config).
+* ``info.json``: what was evaluated (run, step, n, sets, models, attack config);
+* ``adversarial.npz`` (with the attack): the attacked examples (``ev_<key>``: the unsafe set's
+  arrays of the examples used, ``ev_index`` their positions), the kept soft tokens ``soft``
+  [R, N, k, D] of every replica, ``step`` and ``k``; ``launch.analyze`` studies these inputs
+  instead of attacking again (``attacks.adversarial_from_soft``).
 
 One progress line per set and model. Bad input is a one-line error and a non-zero exit, with
 nothing written. Runtime on the 2-core development VM (shared, load ~5) for the ``tiny`` preset's
@@ -38,6 +42,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 
 from configs import pretrain as pretrain_config
@@ -65,6 +70,7 @@ _NAME = flags.DEFINE_string("name", None, "model name prefix (default: method.na
                             allow_override=True)
 _CKPT_STEP = flags.DEFINE_integer("ckpt_step", None, "checkpoint step (default: the latest)", allow_override=True)
 
+ADVERSARIAL_FILE = "adversarial.npz"
 ATTACK_KEY = 1000  # fold_in(eval key, ATTACK_KEY): the attack's initial soft tokens (sets use 0..5)
 
 
@@ -115,6 +121,12 @@ def _write(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -171,6 +183,10 @@ def run(run_dir: str, *, sets=data_lib.EVAL_SETS, n: int | None = None, chunk: i
         t0 = time.perf_counter()
         per_example, counts = attack_eval(params, unsafe, attack_n, attack_key)
         _record(out, names, "adversarial", eval_lib.summarize(per_example), counts, time.perf_counter() - t0)
+        attacked, _ = attacks.usable_examples(setup.model, unsafe, attack_n, attack_cfg.k)
+        soft = per_example["soft"] if R > 1 else per_example["soft"][None]
+        adversarial = {"soft": soft.astype(np.float32), "step": np.int64(step), "k": np.int64(attack_cfg.k),
+                       **{f"ev_{k}": v for k, v in attacked.items()}}
 
         def reporter(axis):
             clock = {"t": time.perf_counter()}
@@ -199,6 +215,8 @@ def run(run_dir: str, *, sets=data_lib.EVAL_SETS, n: int | None = None, chunk: i
         sweep = eval_lib.sweep_table(out, axis)
         if sweep:
             table += f"\nSoft-token attack, strict success vs {axis}:\n\n{sweep}"
+    if attack:  # the attacked inputs, for launch.analyze (which would otherwise attack again)
+        _write_npz(os.path.join(eval_dir, ADVERSARIAL_FILE), adversarial)
     _write(os.path.join(eval_dir, "info.json"), json.dumps(info, indent=2) + "\n")
     _write(os.path.join(eval_dir, "table.md"), table)
     _write(os.path.join(eval_dir, "metrics.json"), json.dumps(out, indent=1, sort_keys=True) + "\n")

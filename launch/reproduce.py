@@ -19,6 +19,11 @@ from its latest checkpoint, evaluation and analysis from scratch (their files ar
 atomically at the end). The config (``configs/reproduce.py``) is checked completely, fine-tuning
 configs included, before any work starts; a workdir holding a run of another config is a one-line
 error (``launch.common.check_workdir``). ``timings.json`` records each stage's wall time.
+
+Compiled programs are cached on disk in ``<workdir>/.jax_cache`` (JAX's persistent compilation
+cache): the three evaluations, the fine-tuning runs' final evaluations and a rerun compile the same
+programs, so all but the first are cache hits. ``JAX_COMPILATION_CACHE_DIR`` set by the user wins;
+``--nocompilation_cache`` turns it off.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import os
 import shutil
 import time
 
-from absl import app, logging
+import jax
+from absl import app, flags, logging
 
 from configs import pretrain as pretrain_config
 from configs import reproduce as reproduce_config
@@ -124,10 +130,22 @@ class Stages:
             json.dump(self.timings, f, indent=1)
 
 
-def run(cfg, workdir: str, *, distributed: bool = False) -> dict:
+def enable_compilation_cache(path: str):
+    """Cache compiled programs in ``path`` unless a cache directory is already configured (by
+    ``JAX_COMPILATION_CACHE_DIR`` or earlier code). Must run before the first compilation."""
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every program that took a noticeable time to compile; tiny ones are cheaper to rebuild.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(cfg, workdir: str, *, distributed: bool = False, compilation_cache: bool = True) -> dict:
     """The whole study in ``workdir`` (see the module docstring); returns ``results.json``'s dict."""
     finetune, ev, an = validate(cfg)
     os.makedirs(workdir, exist_ok=True)
+    if compilation_cache:
+        enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
     stage = Stages(workdir)
     t_start = time.perf_counter()
     pre_dir = os.path.join(workdir, "pretrain")
@@ -154,10 +172,15 @@ def run(cfg, workdir: str, *, distributed: bool = False) -> dict:
     return results
 
 
+COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True,
+                                      "cache compiled programs in <workdir>/.jax_cache (faster reruns and stages)")
+
+
 def main(argv):
     # --config is launch.common's flag (shared by the launchers); without it, the tiny study
     cfg = lambda: common.CONFIG.value or reproduce_config.get_config("tiny")  # noqa: E731
-    common.launch(argv, ("workdir",), lambda: run(cfg(), common.WORKDIR.value, distributed=common.DISTRIBUTED.value))
+    common.launch(argv, ("workdir",), lambda: run(cfg(), common.WORKDIR.value, distributed=common.DISTRIBUTED.value,
+                                                  compilation_cache=COMPILATION_CACHE.value))
 
 
 if __name__ == "__main__":

@@ -221,13 +221,37 @@ def adversarial_inputs(params, model_cfg: model_lib.ModelConfig, batch: dict, ke
     optimises what remains. Host numpy arrays."""
     def fn(p, ev, key):
         wide_cfg, att, best, _, _ = _attacked(p, model_cfg, ev, key, cfg.budget, cfg)
-        return {"embeddings": soft_embeddings(p, wide_cfg, att, best, att["tokens_true"]),
-                "prompt_len": att["prompt_len"]}
+        return _attacked_inputs(p, wide_cfg, att, best)
 
     ev = {k: np.asarray(batch[k]) for k in eval_lib.EVAL_KEYS}
     n = len(ev["prompt"])
     ev["index"] = np.arange(n, dtype=np.int32)
     return eval_lib.map_chunks(eval_lib.make_chunk_fn(fn), params, ev, n, min(chunk, n), key)
+
+
+def _attacked_inputs(params, wide_cfg, att, soft_BxKxD):
+    return {"embeddings": soft_embeddings(params, wide_cfg, att, soft_BxKxD, att["tokens_true"]),
+            "prompt_len": att["prompt_len"]}
+
+
+def adversarial_from_soft(params, model_cfg: model_lib.ModelConfig, batch: dict, soft_NxKxD, chunk: int = 500) -> dict:
+    """:func:`adversarial_inputs`' output for soft tokens found earlier (``attack_examples``'
+    ``soft``, e.g. saved by ``launch.evaluate``) on the examples of ``batch``: no optimisation, so
+    the analyses can study exactly the inputs the evaluation attacked. k is ``soft_NxKxD.shape[1]``."""
+    ev = {k: np.asarray(batch[k]) for k in eval_lib.EVAL_KEYS}
+    soft_NxKxD = np.asarray(soft_NxKxD, np.float32)
+    n, k = len(ev["prompt"]), soft_NxKxD.shape[1]
+    if soft_NxKxD.shape[0] != n or soft_NxKxD.shape[2] != model_cfg.d_model:
+        raise ValueError(f"soft tokens {soft_NxKxD.shape} do not fit {n} examples of d_model={model_cfg.d_model}")
+    length = attack_length(model_cfg, ev["prompt"].shape[-1], k)
+    wide_cfg = attack_model_cfg(model_cfg, length)
+
+    def fn(p, part):
+        ev_part = {key: part[key] for key in eval_lib.EVAL_KEYS}
+        return _attacked_inputs(p, wide_cfg, insert_soft_slots(ev_part, k, length), part["soft"])
+
+    ev["soft"] = soft_NxKxD
+    return eval_lib.map_chunks(eval_lib.make_chunk_fn(fn), params, ev, n, min(chunk, n))
 
 
 def make_attack_eval(model_cfg: model_lib.ModelConfig, cfg: AttackConfig = AttackConfig(), *, n_replicas: int = 1,
@@ -242,21 +266,27 @@ def make_attack_eval(model_cfg: model_lib.ModelConfig, cfg: AttackConfig = Attac
                                 n_replicas=n_replicas, mesh=mesh)
 
     def attack_eval(params, ev: dict, n: int, key, budget: float | None = None):
-        ev = {k: np.asarray(ev[k])[:n] for k in eval_lib.EVAL_KEYS}
-        T = ev["prompt"].shape[-1]
-        usable, truncated = attack_coverage(ev, cfg.k, attack_length(model_cfg, T, cfg.k))
-        if not usable.any():
-            raise ValueError(f"no example keeps its targets with k={cfg.k} soft tokens: the model's learned "
-                             f"positions cover {model_cfg.seq_len} positions")
-        ev = {k: v[usable] for k, v in ev.items()}
-        ev["index"] = np.flatnonzero(usable).astype(np.int32)
-        counts = {"n": int(usable.sum()), "n_truncated": int(truncated[usable].sum())}
+        ev, counts = usable_examples(model_cfg, ev, n, cfg.k)
         budget = jnp.float32(cfg.budget if budget is None else budget)
         out = eval_lib.map_chunks(fn, params, ev, counts["n"], min(chunk, counts["n"]), key, budget,
                                   example_axis=int(n_replicas > 1))
         return out, counts
 
     return attack_eval
+
+
+def usable_examples(model_cfg: model_lib.ModelConfig, ev: dict, n: int, k: int) -> tuple[dict, dict]:
+    """The examples among the first ``n`` of ``ev`` that the attack with ``k`` soft tokens can use
+    (host arrays with :data:`evaluate.EVAL_KEYS` plus ``index``, their positions in ``ev``) and
+    ``counts`` (``n`` used, ``n_truncated``); ``ValueError`` when there is none."""
+    ev = {key: np.asarray(ev[key])[:n] for key in eval_lib.EVAL_KEYS}
+    usable, truncated = attack_coverage(ev, k, attack_length(model_cfg, ev["prompt"].shape[-1], k))
+    if not usable.any():
+        raise ValueError(f"no example keeps its targets with k={k} soft tokens: the model's learned "
+                         f"positions cover {model_cfg.seq_len} positions")
+    ev = {key: v[usable] for key, v in ev.items()}
+    ev["index"] = np.flatnonzero(usable).astype(np.int32)
+    return ev, {"n": int(usable.sum()), "n_truncated": int(truncated[usable].sum())}
 
 
 def n_usable(model_cfg: model_lib.ModelConfig, ev: dict, n: int, k: int) -> int:

@@ -578,11 +578,31 @@ def sample_finetune_batch(key, cfg: DataConfig, batch_size: int):
     return jax.vmap(sample_finetune, in_axes=(0, None, 0))(keys, cfg, unsafe)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "name", "n"))
-def sample_eval_set(key, cfg: DataConfig, name: str, n: int):
-    """`n` examples of evaluation set `name` (one of EVAL_SETS)."""
-    keys = jax.random.split(key, n)
+EVAL_BLOCK = 256  # examples per compiled sampling call of sample_eval_set
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "name"))
+def _sample_eval_block(keys, cfg: DataConfig, name: str):
     return jax.vmap(sample_eval, in_axes=(0, None, None))(keys, cfg, name)
+
+
+def sample_eval_set(key, cfg: DataConfig, name: str, n: int):
+    """`n` examples of evaluation set `name` (one of EVAL_SETS); example i is drawn from
+    ``jax.random.split(key, n)[i]``.
+
+    Sampled in blocks of :data:`EVAL_BLOCK` examples by one compiled sampler per set, whatever `n`:
+    compiling the sampler takes seconds, sampling milliseconds, and the pipeline asks for several
+    sizes of the same set. Under a trace (inside jit / vmap) it is one vmapped call instead.
+    """
+    keys = jax.random.split(key, n)
+    if isinstance(keys, jax.core.Tracer):
+        return jax.vmap(sample_eval, in_axes=(0, None, None))(keys, cfg, name)
+    n_blocks = -(-n // EVAL_BLOCK)
+    padded = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n_blocks * EVAL_BLOCK - n,))]) if n else keys
+    blocks = [_sample_eval_block(padded[i * EVAL_BLOCK:(i + 1) * EVAL_BLOCK], cfg, name) for i in range(n_blocks)]
+    if not blocks:
+        return jax.vmap(sample_eval, in_axes=(0, None, None))(keys, cfg, name)
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *blocks)
 
 
 # ----------------------------------------------------------------------------------------------

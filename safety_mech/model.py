@@ -275,17 +275,23 @@ def _mlp(x_BxTxD, p, dt):
     return _dense(h_BxTxF, p["c_proj"], dt), h_BxTxF
 
 
-def _block(x_BxTxD, p, cfg, dt):
-    """One block; returns the new residual stream and this block's activations (see module doc)."""
+def _block(x_BxTxD, p, cfg, dt, attend=None):
+    """One block; returns the new residual stream and this block's activations (see module doc).
+
+    ``attend(x_BxTxD, p_attn) -> [B, T, D]`` replaces the causal self-attention (default
+    :func:`_attention`): ``kv_cache.decode_step`` runs the same block for one position against cached
+    keys and values."""
+    if attend is None:
+        attend = functools.partial(_attention, cfg=cfg, dt=dt)
     acts = {"block_in": x_BxTxD}
     if cfg.block == "paper":
         x_BxTxD = _layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps)  # REF overwrites the residual with LN1
-        attn_BxTxD = _attention(x_BxTxD, p["attn"], cfg, dt)
+        attn_BxTxD = attend(x_BxTxD, p["attn"])
         mlp_in_BxTxD = x_BxTxD + attn_BxTxD
         mlp_BxTxD, hidden_BxTxF = _mlp(mlp_in_BxTxD, p["mlp"], dt)
         out_BxTxD = mlp_in_BxTxD + mlp_BxTxD
     else:
-        attn_BxTxD = _attention(_layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps), p["attn"], cfg, dt)
+        attn_BxTxD = attend(_layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps), p["attn"])
         x_BxTxD = x_BxTxD + attn_BxTxD
         mlp_in_BxTxD = _layer_norm(x_BxTxD, p["ln_2"], cfg.ln_eps)
         mlp_BxTxD, hidden_BxTxF = _mlp(mlp_in_BxTxD, p["mlp"], dt)

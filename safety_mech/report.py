@@ -230,7 +230,13 @@ def markdown(results: dict, config: dict | None = None) -> str:
     for name, fig in results["analysis"].get("figures", {}).items():
         lines += [f"### {name}", "", f"![{name}]({fig})", "", _reading(name, results["findings"]), ""]
     meta = results["analysis"].get("meta", {})
-    if meta.get("adversarial"):
+    sources = meta.get("adversarial_sources") or {}
+    reused = sorted(m for m, s in sources.items() if s != meta.get("adversarial"))
+    if reused:
+        lines += [f"Adversarial inputs in the analyses: the inputs each model's evaluation attacked "
+                  f"(`<run>/eval/adversarial.npz`) for {len(reused)} of {len(sources)} models; "
+                  f"{meta.get('adversarial')} otherwise.", ""]
+    elif meta.get("adversarial"):
         lines += [f"Adversarial inputs in the analyses: {meta['adversarial']}.", ""]
     return "\n".join(lines)
 

@@ -94,6 +94,20 @@ def test_alpha_sweep_on_a_toy_metric(pair):
     np.testing.assert_allclose(mlp["metrics"]["w"], sweep["metrics"]["w"])
     np.testing.assert_array_equal(mlp["metrics"]["e"], np.full(5, e(it)))  # not an MLP weight
     assert mlp["extra"] == {}
+    # at_zero: θ_IT's values are used at α = 0 without calling the functions there; the rest is the same
+    evaluated = []
+
+    def metrics_fn(p):
+        evaluated.append(w(p))
+        return {"w": w(p), "e": e(p)}
+
+    extra_fn = lambda p: {"row": p["lm_head"]["kernel"][0, :3]}  # noqa: E731
+    cached = interventions.alpha_sweep(it, st, alphas, metrics_fn, extra_fn=extra_fn,
+                                       at_zero=({"w": w(it), "e": e(it)}, extra_fn(it)))
+    assert len(evaluated) == len(alphas) - 1 and w(it) not in evaluated
+    for group in ("metrics", "extra"):
+        for k, v in sweep[group].items():
+            np.testing.assert_array_equal(cached[group][k], v)
     calls = iter([{"a": 1.0}, {"b": 1.0}])
     with pytest.raises(ValueError, match="different names"):
         interventions.alpha_sweep(it, st, [0, 1], lambda p: next(calls))

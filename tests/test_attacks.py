@@ -107,3 +107,20 @@ def test_adversarial_inputs_for_the_analyses(unsafe):
     np.testing.assert_allclose(out["embeddings"][~att["soft_mask"]], np.asarray(tokens)[~att["soft_mask"]])
     soft_norms = np.linalg.norm(out["embeddings"][att["soft_mask"]], axis=-1)
     assert soft_norms.max() <= float(attacks.embedding_radius(params)) + 1e-5
+
+
+def test_adversarial_from_soft_rebuilds_the_attacked_inputs(unsafe):
+    """The saved soft tokens of an attack (what launch.evaluate keeps) give the analyses exactly the
+    inputs adversarial_inputs builds when it attacks itself with the same key."""
+    cfg = _model("sinusoidal")
+    params = jax.tree.map(lambda x: 5.0 * x, model_lib.init_params(jax.random.key(6), cfg))
+    attack_cfg = attacks.AttackConfig(steps=3)
+    key = jax.random.key(7)
+    attacked, counts = attacks.make_attack_eval(cfg, attack_cfg, chunk=N)(params, unsafe, N, key)
+    assert counts["n"] == N
+    rebuilt = attacks.adversarial_from_soft(params, cfg, unsafe, attacked["soft"])
+    direct = attacks.adversarial_inputs(params, cfg, unsafe, key, attack_cfg)
+    np.testing.assert_array_equal(rebuilt["prompt_len"], direct["prompt_len"])
+    np.testing.assert_allclose(rebuilt["embeddings"], direct["embeddings"], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="do not fit"):
+        attacks.adversarial_from_soft(params, cfg, unsafe, attacked["soft"][:-1])

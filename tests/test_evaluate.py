@@ -14,7 +14,7 @@ import pytest
 
 from configs import pretrain as pt_config
 from launch import evaluate as launch_evaluate
-from safety_mech import checkpoint, evaluate, train
+from safety_mech import checkpoint, evaluate, kv_cache, train
 from safety_mech import data as data_lib
 from safety_mech import grammar as gr
 from safety_mech import model as model_lib
@@ -80,15 +80,27 @@ def test_strict_and_lenient_success_on_hand_made_arrays():
     assert "gen_strict" not in evaluate.summarize(m, harmful=False) and "gen_null" in evaluate.summarize(m, harmful=False)
 
 
-def _forced_apply(target_BxT):
-    """A stand-in for model.apply whose argmax at position t is ``target[t + 1]``, whatever the input."""
+def _force_model(monkeypatch, target_BxT):
+    """Stand-ins for model.apply (teacher forcing) and for kv_cache.prefill / decode_step (greedy
+    decoding) whose argmax at position t is ``target[t + 1]``, whatever the input."""
     nxt_BxT = jnp.concatenate([target_BxT[:, 1:], jnp.full_like(target_BxT[:, :1], gr.PAD)], axis=1)
 
     def apply(params, cfg, tokens=None, *, embeddings=None, capture=False):
         T = (tokens if tokens is not None else embeddings).shape[1]
         return 10.0 * jax.nn.one_hot(nxt_BxT[:, :T], cfg.vocab_size)
 
-    return apply
+    def prefill(params, cfg, embeddings_BxTxD):
+        B, T, _ = embeddings_BxTxD.shape
+        H = cfg.n_head
+        kv = jnp.zeros((cfg.n_layer, B, H, T, cfg.d_model // H))
+        return apply(params, cfg, embeddings=embeddings_BxTxD), {"k": kv, "v": kv}
+
+    def decode_step(params, cfg, cache, token_B=None, pos_B=None, *, embedding_BxD=None):
+        return 10.0 * jax.nn.one_hot(nxt_BxT[jnp.arange(len(pos_B)), pos_B], cfg.vocab_size), cache
+
+    monkeypatch.setattr(model_lib, "apply", apply)
+    monkeypatch.setattr(kv_cache, "prefill", prefill)
+    monkeypatch.setattr(kv_cache, "decode_step", decode_step)
 
 
 def _expected_match(decoded, target, gov):
@@ -99,7 +111,7 @@ def _expected_match(decoded, target, gov):
 def test_metrics_of_a_model_that_outputs_a_target(monkeypatch, forced):
     ev = evaluate.sample_eval_data(jax.random.key(0), DATA, "unsafe", N)
     assert ev["gov_mask_true"].any(-1).all() and ev["gov_mask_refusal"].any(-1).all()
-    monkeypatch.setattr(model_lib, "apply", _forced_apply(jnp.asarray(ev[f"tokens_{forced}"])))
+    _force_model(monkeypatch, jnp.asarray(ev[f"tokens_{forced}"]))
     params = model_lib.init_params(jax.random.key(1), MODEL)
     m = evaluate.make_set_eval(MODEL, chunk=N)(params, ev, N)
     s = evaluate.summarize(m)
@@ -197,6 +209,13 @@ def test_launch_evaluate_writes_metrics_and_table(micro_run):
     with open(os.path.join(micro_run, "eval", "info.json")) as f:
         info = json.load(f)
     assert info["step"] == 0 and info["models"] == {"pretrain/lr=0.001/seed=0": 0, "pretrain/lr=0.0001/seed=0": 1}
+    # the attacked inputs for launch.analyze: every replica's kept soft tokens, the examples used
+    with np.load(os.path.join(micro_run, "eval", "adversarial.npz")) as f:
+        saved = {k: f[k] for k in f.files}
+    n_used = metrics["pretrain/lr=0.001/seed=0/adversarial/n"]
+    assert saved["soft"].shape == (2, n_used, 2, 16) and int(saved["step"]) == 0 and int(saved["k"]) == 2
+    assert saved["ev_prompt"].shape[0] == n_used and saved["ev_index"].tolist() == list(range(n_used))
+    assert np.linalg.norm(saved["soft"], axis=-1).max() > 0
 
 
 def test_launch_evaluate_bad_input_is_one_line(micro_run, tmp_path):

@@ -65,6 +65,11 @@ def test_every_stage_and_the_report(study):
     assert not bad, bad[:5]
     for m in ("ssft", "dpo", "unlearn"):
         assert any(k.startswith(f"{m}/lr=") and k.endswith("/adversarial/gen_strict") for k in on_disk["eval"])
+    # the analyses study the inputs the evaluations attacked (no second attack), and say so
+    sources = on_disk["analysis"]["meta"]["adversarial_sources"]
+    assert len(sources) == 6 and all("eval/adversarial.npz" in s for s in sources.values())
+    assert "the inputs each model's evaluation attacked" in text
+    assert os.path.isdir(os.path.join(workdir, ".jax_cache")) and os.listdir(os.path.join(workdir, ".jax_cache"))
 
 
 def test_verdicts_follow_the_numbers(study):

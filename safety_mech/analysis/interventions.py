@@ -64,13 +64,15 @@ def interpolate(params_it, params_st, alpha: float, mlp_only: bool = False):
 
 def alpha_sweep(params_it, params_st, alphas: Sequence[float], metrics_fn: Callable,
                 mlp_only: bool = False, extra_fn: Callable | None = None,
-                progress: Callable | None = None) -> dict:
+                progress: Callable | None = None, at_zero: tuple | None = None) -> dict:
     """Evaluate θ(α) (:func:`interpolate`) at every α.
 
     ``metrics_fn(params) -> {name: float}``; ``extra_fn(params) -> {name: array}`` (optional, e.g.
     :func:`make_tau_fn`'s τ means per layer). Returns ``{"alpha": [A], "metrics": {name: [A]},
     "extra": {name: [A, ...]}}`` of float64 NumPy arrays (``extra`` empty without ``extra_fn``).
-    Every call must return the same names. ``progress(i, alpha)`` is called before each α."""
+    Every call must return the same names. ``progress(i, alpha)`` is called before each α.
+    ``at_zero``: ``(metrics_fn(θ_IT), extra_fn(θ_IT) or None)`` computed once by the caller, used for
+    α = 0 (θ(0) is θ_IT bit for bit), e.g. when sweeping several fine-tuned models from one base."""
     alphas = np.asarray([float(a) for a in alphas], np.float64)
     if alphas.ndim != 1 or alphas.size == 0:
         raise ValueError("alphas must be a non-empty sequence of numbers")
@@ -78,6 +80,11 @@ def alpha_sweep(params_it, params_st, alphas: Sequence[float], metrics_fn: Calla
     for i, alpha in enumerate(alphas):
         if progress is not None:
             progress(i, float(alpha))
+        if alpha == 0.0 and at_zero is not None:
+            metrics.append(dict(at_zero[0]))
+            if extra_fn is not None:
+                extra.append(dict(at_zero[1]))
+            continue
         params = interpolate(params_it, params_st, float(alpha), mlp_only)
         metrics.append(dict(metrics_fn(params)))
         if extra_fn is not None:
