@@ -32,11 +32,13 @@ learning rate are more replicas, e.g. ``--config.train.n_replicas=4
 * ``tiny``: the same shape scaled to the CPU: 300 steps of batch 64, warmup 20, cosine to 1e-6 at
   step 300, ηM = 1e-3, ηS = 1e-4 (ratio 10 as in the paper; of 1e-3 and 3e-4, 1e-3 raised Null
   further in 300 steps), base: the ``pretrain.py:tiny`` run. Only the final evaluation runs (``launch.evaluate``
-  scores every set afterwards). Measured in session 2 (2-core VM, alone; the reproduce run's
-  stages, base = the tiny pretraining at 100% Instruct): SSFT 87 s, DPO 130 s, unlearning 116 s
-  (both replicas, compilation and the final evaluation included). At ηM, Instruct on safe / Null on
-  unsafe (1000 inputs each): SSFT 90.7% / 37.6%, DPO 69.2% / 70.3%, unlearning 63.1% / 77.1%; at
-  ηS: 75.6 / 9.4, 45.7 / 29.5, 40.1 / 39.6. The tiny model's 6-letter texts do not always reveal
+  scores every set afterwards). Measured in session 3 (2-core VM, alone; the stages of two
+  reproduce runs, base = the tiny pretraining at 100% Instruct): SSFT 78-79 s, DPO 120-121 s,
+  unlearning 104-109 s, 303-309 s in all (both replicas, compilation and the final evaluation
+  included; 183 / 353 / 312 ms per step). At ηM, Instruct on safe / Null on unsafe (1000 inputs
+  each): SSFT 90.3% / 42.9%, DPO 73.1% / 73.6%, unlearning 64.8% / 78.1%; at ηS: 76.7 / 13.6,
+  55.0 / 38.4, 49.5 / 50.5 (session 2's model code, which summed in another order: 90.7 / 37.6,
+  69.2 / 70.3, 63.1 / 77.1 at ηM). The tiny model's 6-letter texts do not always reveal
   the grammar branch that makes an input unsafe (README.md), which bounds these numbers.
 
 Expected metrics (both presets): to be measured. What to look at: ``train/logp_undesired`` falls and

@@ -24,10 +24,10 @@ Writes, in ``<run>/eval/``:
   instead of attacking again (``attacks.adversarial_from_soft``).
 
 One progress line per set and model. Bad input is a one-line error and a non-zero exit, with
-nothing written. Runtime on the 2-core development VM (shared, load ~5) for the ``tiny`` preset's
-model (2 layers, text 6, T = 28) with 2 replicas at initial params, n = 500, compilation included:
-24 s per set, 81 s for the attack (every example has its final STOP cut, see ``attacks``); about
-twice that at n = 1000, and the attack's time again per sweep value. The logic is
+nothing written. Runtime on the 2-core development VM (idle) for the ``tiny`` preset's fine-tuned
+runs (2 replicas), n = 1000, as ``launch.reproduce`` runs it (session 3): 4-7 s per set, the attack
+(k = 2, 50 steps) 17.5 s on 128 unsafe examples with compilation and ~10 s from the compilation
+cache; a set's first evaluation adds ~5 s of compilation. The logic is
 :func:`run`, importable from a notebook.
 
 Flags are defined with ``allow_override`` because other launchers define flags of the same names
