@@ -595,13 +595,12 @@ def sample_eval_set(key, cfg: DataConfig, name: str, n: int):
     sizes of the same set. Under a trace (inside jit / vmap) it is one vmapped call instead.
     """
     keys = jax.random.split(key, n)
-    if isinstance(keys, jax.core.Tracer):
+    if isinstance(keys, jax.core.Tracer) or n == 0:
         return jax.vmap(sample_eval, in_axes=(0, None, None))(keys, cfg, name)
     n_blocks = -(-n // EVAL_BLOCK)
-    padded = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n_blocks * EVAL_BLOCK - n,))]) if n else keys
+    # The last block is filled up with copies of the first key; those examples are dropped.
+    padded = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n_blocks * EVAL_BLOCK - n,))])
     blocks = [_sample_eval_block(padded[i * EVAL_BLOCK:(i + 1) * EVAL_BLOCK], cfg, name) for i in range(n_blocks)]
-    if not blocks:
-        return jax.vmap(sample_eval, in_axes=(0, None, None))(keys, cfg, name)
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *blocks)
 
 

@@ -368,3 +368,20 @@ def test_decode():
     assert data.decode([[gr.PAD, gr.EX1]], strip_pad=False) == [["#", "ex1"]]
     with pytest.raises(ValueError, match="unknown"):
         data.sample_eval_set(jax.random.key(0), CFG, "nope", 4)
+
+
+def test_eval_set_in_blocks_equals_one_vmapped_call():
+    """sample_eval_set samples in fixed blocks (one compilation per set whatever n): example i is
+    still the one drawn from split(key, n)[i], across a block boundary and a partial last block."""
+    n = data.EVAL_BLOCK + 3
+    blocked = data.sample_eval_set(jax.random.key(9), CFG, "unsafe", n)
+    keys = jax.random.split(jax.random.key(9), n)
+    direct = jax.jit(jax.vmap(data.sample_eval, in_axes=(0, None, None)), static_argnums=(1, 2))(keys, CFG, "unsafe")
+    assert jax.tree.structure(blocked) == jax.tree.structure(direct)
+    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(direct)):
+        assert a.shape[0] == n
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # under jit it is one traced call with the same values
+    traced = jax.jit(lambda k: data.sample_eval_set(k, CFG, "unsafe", 5))(jax.random.key(9))
+    np.testing.assert_array_equal(np.asarray(traced["prompt"]), np.asarray(
+        data.sample_eval_set(jax.random.key(9), CFG, "unsafe", 5)["prompt"]))
