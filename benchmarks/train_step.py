@@ -3,22 +3,29 @@
     python benchmarks/train_step.py                      # paper model, batch 64, T = 115
     python benchmarks/train_step.py --preset tiny --batch 128
     python benchmarks/train_step.py --json               # {"ms_per_step": ..., "tokens_per_s": ...}
+    python benchmarks/train_step.py --baseline           # + a plain Flax GPT step, interleaved
 
 Times are medians over ``--steps`` steps after compilation (each step blocked on). FLOPs per step:
 6·N·tokens for the dense layers (N = all parameters, forward + backward) plus 12·L·D·T² per sequence
-for the attention scores and the weighted sum (full T×T, as computed).
+for the attention scores and the weighted sum (full T×T, as computed). The process first calls
+``safety_mech.host_memory.keep_freed_memory`` (as the launchers do; ``--default_malloc`` skips it);
+the table reports the minor page faults per step. ``--baseline`` times ``benchmarks/plain_gpt.py``'s
+step of the same size in turn with ours (same load) and prints the ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
 import jax
 
+import plain_gpt  # benchmarks/ is on sys.path when this file is run
 from configs import pretrain as pretrain_config
 from safety_mech import data as data_lib
+from safety_mech import host_memory
 from safety_mech import losses
 from safety_mech import model as model_lib
 from safety_mech import train as train_lib
@@ -30,16 +37,24 @@ def step_flops(model_cfg: model_lib.ModelConfig, n_params: int, batch: int, seq:
     return dense + attention
 
 
-def _median_time(fn, n: int) -> float:
-    times = []
+def _median_times(fns, n: int) -> list[tuple[float, float]]:
+    """For each function: median seconds per call and mean minor page faults per call (the process's,
+    all threads). The functions are called in turn, n rounds, so they see the same machine load."""
+    times, faults = [[] for _ in fns], [0] * len(fns)
     for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[i].append(time.perf_counter() - t0)
+            faults[i] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    return [(statistics.median(t), f / n) for t, f in zip(times, faults)]
 
 
-def benchmark(preset: str = "paper", batch: int = 64, steps: int = 5, n_replicas: int = 1) -> dict:
+def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replicas: int = 1,
+              baseline: bool = False) -> dict:
+    """Times of our pretraining step (and, with ``baseline``, of benchmarks/plain_gpt.py's step of the
+    same size, interleaved step by step with ours)."""
     cfg = pretrain_config.get_config(preset)
     cfg.train.batch_size, cfg.train.n_replicas = batch, n_replicas
     setup = pretrain_config.validate(cfg)
@@ -61,30 +76,50 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 5, n_replicas
         holder["state"], metrics = step_fn(holder["state"])
         return metrics
 
-    one()  # warm
-    step_s = _median_time(one, steps)
+    fns = [one]
+    if baseline:
+        plain_step, plain_state = plain_gpt.make_step(setup.model, batch)
+        plain = {"state": plain_state}
+
+        def plain_one():
+            plain["state"], loss = plain_step(plain["state"])
+            return loss
+        fns.append(plain_one)
+    for _ in range(2):  # warm (and compile the baseline): the first steps grow the heap (host_memory.py)
+        for fn in fns:
+            jax.block_until_ready(fn())
+    timed = _median_times(fns, steps)
+    step_s, step_faults = timed[0]
     sample_jit = jax.jit(sample)
     jax.block_until_ready(sample_jit(jax.random.key(1), 0))
-    sample_s = _median_time(lambda: sample_jit(jax.random.key(2), 0), steps)
+    sample_s = _median_times([lambda: sample_jit(jax.random.key(2), 0)], steps)[0][0]
 
     tokens = batch * T * n_replicas
     flops = step_flops(setup.model, n_params, batch, T) * n_replicas
     return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
             "preset": preset, "params": n_params, "batch": batch, "seq_len": T, "replicas": n_replicas,
-            "compile_s": compile_s, "ms_per_step": step_s * 1e3, "sample_ms": sample_s * 1e3,
+            "compile_s": compile_s, "ms_per_step": step_s * 1e3, "page_faults_per_step": step_faults,
+            "sample_ms": sample_s * 1e3,
             "tokens_per_s": tokens / step_s, "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / step_s / 1e9}
+            "gflop_per_s": flops / step_s / 1e9,
+            **({"baseline_ms_per_step": timed[1][0] * 1e3} if baseline else {})}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper", choices=("paper", "tiny"))
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--json", action="store_true", help='print {"ms_per_step", "tokens_per_s"} only')
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time benchmarks/plain_gpt.py's step of the same size, interleaved with ours")
+    parser.add_argument("--default_malloc", action="store_true",
+                        help="leave glibc malloc as it is (compare: safety_mech/host_memory.py)")
     args = parser.parse_args()
-    r = benchmark(args.preset, args.batch, args.steps, args.replicas)
+    if not args.default_malloc:
+        host_memory.keep_freed_memory()  # before the first computation
+    r = benchmark(args.preset, args.batch, args.steps, args.replicas, args.baseline)
     if args.json:
         print(json.dumps({"ms_per_step": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"]}))
         return
@@ -93,9 +128,14 @@ def main():
             ("compile + first step (s)", f"{r['compile_s']:.1f}"),
             ("step (ms, median)", f"{r['ms_per_step']:.1f}"),
             ("  of which sampling alone (ms)", f"{r['sample_ms']:.1f}"),
+            ("minor page faults per step", f"{r['page_faults_per_step']:,.0f}"),
             ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
             ("GFLOP per step", f"{r['gflop_per_step']:.1f}"),
             ("achieved GFLOP/s", f"{r['gflop_per_s']:.1f}")]
+    if args.baseline:
+        ratio = r["baseline_ms_per_step"] / r["ms_per_step"]
+        rows += [("plain Flax GPT step (ms, median)", f"{r['baseline_ms_per_step']:.1f}"),
+                 ("  plain / ours", f"{ratio:.2f}")]
     width = max(len(k) for k, _ in rows)
     print(f"| {'quantity'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in rows:

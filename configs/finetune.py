@@ -35,7 +35,9 @@ learning rate are more replicas, e.g. ``--config.train.n_replicas=4
   scores every set afterwards). Measured in session 3 (2-core VM, alone; the stages of two
   reproduce runs, base = the tiny pretraining at 100% Instruct): SSFT 78-79 s, DPO 120-121 s,
   unlearning 104-109 s, 303-309 s in all (both replicas, compilation and the final evaluation
-  included; 183 / 353 / 312 ms per step). At ηM, Instruct on safe / Null on unsafe (1000 inputs
+  included; 183 / 353 / 312 ms per step); session 4, with ``safety_mech/host_memory.py``: 86 / 119 /
+  96 s, 301 s in all (of which compilation ~17 / 13 / 13 s and setup plus final evaluation ~14 / 5 /
+  3 s), bit-identical metrics. At ηM, Instruct on safe / Null on unsafe (1000 inputs
   each): SSFT 90.3% / 42.9%, DPO 73.1% / 73.6%, unlearning 64.8% / 78.1%; at ηS: 76.7 / 13.6,
   55.0 / 38.4, 49.5 / 50.5 (session 2's model code, which summed in another order: 90.7 / 37.6,
   69.2 / 70.3, 63.1 / 77.1 at ηM). The tiny model's 6-letter texts do not always reveal

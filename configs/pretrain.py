@@ -22,7 +22,8 @@ Presets:
   the final 1000 held-out safe inputs, in 373 s wall with nothing else running; with
   ``--config.train.seed=1``: 0.004 / 0.38 / 0.93, final 1.000. Session 3 (attention summed in
   another order, the same preset): 0.10 / 0.42 / 1.00, final 1.000, in 336 s and 356 s (the
-  pretraining stage of two ``launch.reproduce`` runs, nothing else running). With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
+  pretraining stage of two ``launch.reproduce`` runs, nothing else running); session 4, with
+  ``safety_mech/host_memory.py``: the same numbers in 296 s (~25k tokens/s). With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
   seeds 0-4: 0.958, 1.000, 0.999, 0.671, 0.708): the composition phase starts at a random time,
   and more composition examples make it start earlier.
 * ``paper``: SPEC §5 exactly: 6 layers, 6 heads, d=192, MLP 768, tanh-GELU, sinusoidal positions
@@ -31,7 +32,8 @@ Presets:
   clip 1.0; curriculum held for warmup/2 = 10k steps, then linear to the end values at the last
   step. Runtime on one NVIDIA H200 (session 2): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so
   the 100k steps take about 29 minutes plus evaluations. On the 2-core development VM a batch-64 step
-  takes 2.5-2.9 s idle (45-52 GFLOP/s, session 3; 3.1-4.8 s before), so this preset is for a GPU/TPU: one step is 6·2.69M·58,880 ≈ 0.95
+  takes 2.0-2.2 s idle (60-64 GFLOP/s, session 4 with ``host_memory``; 2.5-2.9 s in session 3, 3.1-4.8 s
+  before), so this preset is for a GPU/TPU: one step is 6·2.69M·58,880 ≈ 0.95
   TFLOP plus attention (≈ 1.04 TFLOP), 1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
   close to 1 (the paper's pretrained model follows instructions on safe inputs; its exact numbers
   could not be recovered, SPEC §11).

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from safety_mech import checkpoint as ckpt_lib
 from safety_mech import evaluate as eval_lib
+from safety_mech import host_memory
 from safety_mech import sharding as sharding_lib
 from safety_mech import train as train_lib
 
@@ -163,6 +164,7 @@ class QuietOrbax(std_logging.Filter):
 def launch(argv, required: Sequence[str], run_fn: Callable[[], Any]) -> None:
     """A launcher's ``main``: no positional arguments, the ``required`` flags set, then ``run_fn()``
     with its errors (:data:`USER_ERRORS`) as one line and a non-zero exit."""
+    host_memory.keep_freed_memory()  # before the first computation: see safety_mech/host_memory.py
     logging.get_absl_handler().addFilter(QuietOrbax())
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
