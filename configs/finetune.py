@@ -41,7 +41,9 @@ learning rate are more replicas, e.g. ``--config.train.n_replicas=4
   each): SSFT 90.3% / 42.9%, DPO 73.1% / 73.6%, unlearning 64.8% / 78.1%; at ηS: 76.7 / 13.6,
   55.0 / 38.4, 49.5 / 50.5 (session 2's model code, which summed in another order: 90.7 / 37.6,
   69.2 / 70.3, 63.1 / 77.1 at ηM). The tiny model's 6-letter texts do not always reveal
-  the grammar branch that makes an input unsafe (README.md), which bounds these numbers.
+  the grammar branch that makes an input unsafe (README.md), but 8-letter texts (Bayes error 0.12
+  instead of 0.22) gave the same numbers with this recipe (session 4, ηM: 89.3 / 46.6, 61.7 / 73.6,
+  56.2 / 77.5), so the recipe is what to change next.
 
 Expected metrics (both presets): to be measured. What to look at: ``train/logp_undesired`` falls and
 ``train/logp_desired`` rises (SSFT, unlearning), ``train/reward_margin`` / ``train/reward_accuracy``
