@@ -22,7 +22,6 @@ import time
 
 import jax
 
-import plain_gpt  # benchmarks/ is on sys.path when this file is run
 from configs import pretrain as pretrain_config
 from safety_mech import data as data_lib
 from safety_mech import host_memory
@@ -78,6 +77,7 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
 
     fns = [one]
     if baseline:
+        import plain_gpt  # benchmarks/plain_gpt.py (this file's directory is on sys.path when run)
         plain_step, plain_state = plain_gpt.make_step(setup.model, batch)
         plain = {"state": plain_state}
 
