@@ -27,6 +27,7 @@ from safety_mech import data as data_lib
 from safety_mech import host_memory
 from safety_mech import losses
 from safety_mech import model as model_lib
+from safety_mech import packing
 from safety_mech import train as train_lib
 
 
@@ -51,11 +52,14 @@ def _median_times(fns, n: int) -> list[tuple[float, float]]:
 
 
 def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replicas: int = 1,
-              baseline: bool = False) -> dict:
+              baseline: bool = False, pack: bool | None = None, data_step: int = 0) -> dict:
     """Times of our pretraining step (and, with ``baseline``, of benchmarks/plain_gpt.py's step of the
-    same size, interleaved step by step with ours)."""
+    same size, interleaved step by step with ours). ``pack``: None = the preset's ``train.pack``;
+    ``data_step``: the curriculum step the batches are drawn at."""
     cfg = pretrain_config.get_config(preset)
     cfg.train.batch_size, cfg.train.n_replicas = batch, n_replicas
+    if pack is not None:
+        cfg.train.pack = pack
     setup = pretrain_config.validate(cfg)
     T = setup.data.T
     optimizer = train_lib.make_optimizer(setup.opt)
@@ -63,16 +67,22 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
                                     lambda k: model_lib.init_params(k, setup.model), optimizer,
                                     setup.opt.peak_lrs(n_replicas))
     n_params = model_lib.count_params(state.params, exclude_head=False) // n_replicas
-    sample = lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, batch, step)  # noqa: E731
-    step_fn = train_lib.make_train_step(losses.lm_loss, optimizer, sample, setup.loss, n_replicas=n_replicas)
+    sample = lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, batch, step + data_step)  # noqa: E731
+    if setup.train.pack:
+        step_fn = packing.make_packed_train_step(optimizer, sample, setup.loss, n_replicas=n_replicas)
+    else:
+        step_fn = train_lib.make_train_step(losses.lm_loss, optimizer, sample, setup.loss, n_replicas=n_replicas)
 
     t0 = time.perf_counter()
     holder = {"state": step_fn(state)[0]}
     jax.block_until_ready(holder["state"])
     compile_s = time.perf_counter() - t0
 
+    rows = []
+
     def one():
         holder["state"], metrics = step_fn(holder["state"])
+        rows.append(metrics.get("train/packed_rows", batch))
         return metrics
 
     fns = [one]
@@ -95,13 +105,15 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
     sample_s = _median_times([lambda: sample_jit(jax.random.key(2), 0)], steps)[0][0]
 
     tokens = batch * T * n_replicas
-    flops = step_flops(setup.model, n_params, batch, T) * n_replicas
+    rows_run = statistics.median(float(jax.numpy.max(r)) for r in rows[-steps:])
+    flops = step_flops(setup.model, n_params, rows_run, T) * n_replicas  # as computed (packed rows)
     return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
             "preset": preset, "params": n_params, "batch": batch, "seq_len": T, "replicas": n_replicas,
             "compile_s": compile_s, "ms_per_step": step_s * 1e3, "page_faults_per_step": step_faults,
             "sample_ms": sample_s * 1e3,
             "tokens_per_s": tokens / step_s, "gflop_per_step": flops / 1e9,
-            "gflop_per_s": flops / step_s / 1e9,
+            "gflop_per_s": flops / step_s / 1e9, "pack": setup.train.pack, "rows": rows_run,
+            "data_step": data_step, "examples_per_s": batch * n_replicas / step_s,
             **({"baseline_ms_per_step": timed[1][0] * 1e3} if baseline else {})}
 
 
@@ -116,21 +128,28 @@ def main():
                         help="also time benchmarks/plain_gpt.py's step of the same size, interleaved with ours")
     parser.add_argument("--default_malloc", action="store_true",
                         help="leave glibc malloc as it is (compare: safety_mech/host_memory.py)")
+    parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                        help="pack examples into shared rows (default: the preset's train.pack)")
+    parser.add_argument("--data_step", type=int, default=0,
+                        help="curriculum step the batches are drawn at (0: the paper curriculum's start)")
     args = parser.parse_args()
     if not args.default_malloc:
         host_memory.keep_freed_memory()  # before the first computation
-    r = benchmark(args.preset, args.batch, args.steps, args.replicas, args.baseline)
+    r = benchmark(args.preset, args.batch, args.steps, args.replicas, args.baseline, args.pack, args.data_step)
     if args.json:
         print(json.dumps({"ms_per_step": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"]}))
         return
     rows = [("device", r["device"]), ("preset / params", f"{r['preset']} / {r['params']:,}"),
             ("batch x T x replicas", f"{r['batch']} x {r['seq_len']} x {r['replicas']}"),
+            ("data at curriculum step", f"{r['data_step']}"),
+            ("rows computed (median)", f"{r['rows']:.0f}" + (" (packed)" if r["pack"] else " (not packed)")),
             ("compile + first step (s)", f"{r['compile_s']:.1f}"),
             ("step (ms, median)", f"{r['ms_per_step']:.1f}"),
             ("  of which sampling alone (ms)", f"{r['sample_ms']:.1f}"),
             ("minor page faults per step", f"{r['page_faults_per_step']:,.0f}"),
-            ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
-            ("GFLOP per step", f"{r['gflop_per_step']:.1f}"),
+            ("examples/s", f"{r['examples_per_s']:,.1f}"),
+            ("tokens/s (batch x T)", f"{r['tokens_per_s']:,.0f}"),
+            ("GFLOP per step (rows computed)", f"{r['gflop_per_step']:.1f}"),
             ("achieved GFLOP/s", f"{r['gflop_per_s']:.1f}")]
     if args.baseline:
         ratio = r["baseline_ms_per_step"] / r["ms_per_step"]

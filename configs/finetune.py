@@ -182,6 +182,9 @@ def validate(cfg) -> FinetuneSetup:
     pre = pretrain_config.validate(ml_collections.ConfigDict({g: cfg[g].to_dict() for g in pretrain_config.GROUPS}))
     if "model" in cfg.method:
         raise train_lib.ConfigError("config.method.model is derived (the base run's model); remove it")
+    if pre.train.pack:
+        raise train_lib.ConfigError("config.train.pack=True applies to pretraining only (a fine-tuning "
+                                    "batch holds two completions per example); set it False")
     method = train_lib.dataclass_from_config(MethodConfig, cfg.method, "method")
     if method.normalize != pre.train.normalize:
         raise train_lib.ConfigError(f"config.method.normalize={method.normalize!r} but "

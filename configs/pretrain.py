@@ -30,11 +30,14 @@ Presets:
   (2,688,000 parameters), batch 512 of text 25..35 (T = 115), 100k steps, AdamW β=(0.9, 0.95), lr
   1e-3, linear warmup 20k, cosine to 1e-5 at 80k then constant, weight decay 1e-4 on dense kernels,
   clip 1.0; curriculum held for warmup/2 = 10k steps, then linear to the end values at the last
-  step. Runtime on one NVIDIA H200 (session 2): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so
-  the 100k steps take about 29 minutes plus evaluations. On the 2-core development VM a batch-64 step
-  takes 2.0-2.2 s idle (60-64 GFLOP/s, session 4 with ``host_memory``; 2.5-2.9 s in session 3, 3.1-4.8 s
-  before), so this preset is for a GPU/TPU: one step is 6·2.69M·58,880 ≈ 0.95
-  TFLOP plus attention (≈ 1.04 TFLOP), 1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
+  step. ``train.pack=True``: short examples share rows (``safety_mech/packing.py``; the same
+  training up to float rounding; ``--config.train.pack=False`` turns it off). Runtime on one NVIDIA
+  H200 (session 2, unpacked): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so the 100k steps take
+  about 29 minutes plus evaluations; packing was not timed on a GPU yet (it adds one host sync per
+  step). On the 2-core development VM a batch-64 step takes 1.3-1.4 s packed at the curriculum's
+  start (40 rows) and ~1.85 s at its end (56 rows), 2.0-2.2 s unpacked (session 5), so this preset
+  is for a GPU/TPU: one unpacked step is 6·2.69M·58,880 ≈ 0.95 TFLOP plus attention (≈ 1.04 TFLOP),
+  1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
   close to 1 (the paper's pretrained model follows instructions on safe inputs; its exact numbers
   could not be recovered, SPEC §11).
 
@@ -81,7 +84,8 @@ _PRESETS = {
         data=dict(min_len=25, max_len=35),
         model=dict(n_layer=6, n_head=6, d_model=192, d_mlp=768),
         opt=dict(lr=1e-3, min_lr=1e-5, warmup_steps=20_000, decay_end_step=80_000),
-        train=dict(steps=100_000, batch_size=512, log_every=100, eval_every=5_000, ckpt_every=5_000),
+        train=dict(steps=100_000, batch_size=512, log_every=100, eval_every=5_000, ckpt_every=5_000,
+                   pack=True),
         eval=dict(n_periodic=1000, n_final=1000, batch_size=1000),
     ),
 }

@@ -20,6 +20,8 @@ from ml_collections import config_flags
 from safety_mech import checkpoint as ckpt_lib
 from safety_mech import evaluate as eval_lib
 from safety_mech import host_memory
+from safety_mech import losses
+from safety_mech import packing
 from safety_mech import sharding as sharding_lib
 from safety_mech import train as train_lib
 
@@ -122,8 +124,21 @@ def train_job(setup, workdir: str, config_dict: dict, resume: bool, init_params_
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 json.dump(config_dict, f, indent=2, sort_keys=True)
 
-        step_fn = train_lib.make_train_step(loss_fn, optimizer, sample_fn, setup.loss, n_replicas=R, mesh=mesh,
-                                            lr_fn=train_lib.make_lr_fn(setup.opt), ref_in_axis=None)
+        lr_fn = train_lib.make_lr_fn(setup.opt)
+        pack = tc.pack
+        if pack and jax.process_count() > 1:
+            # the row plan is made on one host from the example lengths; several processes would
+            # each need all of them: train unpacked (the same training up to float rounding)
+            logging.warning("config.train.pack=True is not supported with several processes; training unpacked")
+            pack = False
+        if pack:
+            if loss_fn is not losses.lm_loss:
+                raise RunError("config.train.pack=True applies to pretraining (lm_loss) only")
+            step_fn = packing.make_packed_train_step(optimizer, sample_fn, setup.loss, n_replicas=R, mesh=mesh,
+                                                     lr_fn=lr_fn)
+        else:
+            step_fn = train_lib.make_train_step(loss_fn, optimizer, sample_fn, setup.loss, n_replicas=R, mesh=mesh,
+                                                lr_fn=lr_fn, ref_in_axis=None)
         ec = setup.eval
         evaluator = eval_lib.make_instruct_eval(setup.model, setup.data, jax.random.key(ec.seed),
                                                 max(ec.n_final, ec.n_periodic), sets=ec.sets,

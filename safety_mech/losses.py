@@ -49,11 +49,26 @@ def token_cross_entropy(params, model_cfg, tokens_BxT):
     Returns ``ce_BxTm1`` float32 (−log p of token t+1 given tokens ≤ t) and ``correct_BxTm1`` bool.
     """
     logits_BxTm1xV = model_lib.apply(params, model_cfg, tokens_BxT[:, :-1])
-    targets_BxTm1 = tokens_BxT[:, 1:]
-    logp_BxTm1xV = jax.nn.log_softmax(logits_BxTm1xV.astype(jnp.float32), axis=-1)
-    ce_BxTm1 = -jnp.take_along_axis(logp_BxTm1xV, targets_BxTm1[..., None], axis=-1)[..., 0]
-    correct_BxTm1 = jnp.argmax(logits_BxTm1xV, axis=-1) == targets_BxTm1
-    return ce_BxTm1, correct_BxTm1
+    return _cross_entropy(logits_BxTm1xV, tokens_BxT[:, 1:])
+
+
+def _cross_entropy(logits_BxNxV, targets_BxN):
+    """−log p(target) and argmax correctness at every position."""
+    logp_BxNxV = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
+    ce_BxN = -jnp.take_along_axis(logp_BxNxV, targets_BxN[..., None], axis=-1)[..., 0]
+    return ce_BxN, jnp.argmax(logits_BxNxV, axis=-1) == targets_BxN
+
+
+def normalizer(n_tokens_B, n_positions: int, normalize: str):
+    """N of ℓ_θ per example (module docstring): its target-token count (at least 1), the number of
+    predicted positions T − 1, or 1."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r}; use one of {NORMALIZATIONS}")
+    if normalize == "tokens":
+        return jnp.maximum(n_tokens_B, 1.0)
+    if normalize == "seq_len":
+        return jnp.full_like(n_tokens_B, n_positions)
+    return jnp.ones_like(n_tokens_B)
 
 
 def completion_loss(params, model_cfg, tokens_BxT, mask_BxT, normalize: str = "tokens"):
@@ -68,14 +83,8 @@ def completion_loss(params, model_cfg, tokens_BxT, mask_BxT, normalize: str = "t
     m_BxTm1 = mask_BxT[:, 1:].astype(jnp.float32)
     n_tokens_B = m_BxTm1.sum(-1)
     total_B = (ce_BxTm1 * m_BxTm1).sum(-1)
-    if normalize == "tokens":
-        denom_B = jnp.maximum(n_tokens_B, 1.0)
-    elif normalize == "seq_len":
-        denom_B = jnp.full_like(n_tokens_B, ce_BxTm1.shape[1])
-    else:
-        denom_B = jnp.ones_like(n_tokens_B)
     n_correct_B = (correct_BxTm1 * m_BxTm1).sum(-1)
-    return total_B / denom_B, n_tokens_B, n_correct_B
+    return total_B / normalizer(n_tokens_B, ce_BxTm1.shape[1], normalize), n_tokens_B, n_correct_B
 
 
 def lm_loss(params, ref_params: Any, batch: dict, cfg: LossConfig):
@@ -91,3 +100,17 @@ def lm_loss(params, ref_params: Any, batch: dict, cfg: LossConfig):
     aux = {"accuracy": n_correct_B.sum() / jnp.maximum(n_tokens_B.sum(), 1.0),
            "target_tokens": n_tokens_B.mean()}
     return loss_B.mean(), aux
+
+
+def packed_lm_loss(params, ref_params: Any, packed: dict, cfg: LossConfig):
+    """:func:`lm_loss` of a batch packed by ``packing.pack`` (several examples per row): the same
+    value and aux up to float rounding, since every target token carries its example's weight
+    1 / (N_b · B) (``packed["weight"]``) and attention stays within each example."""
+    del ref_params
+    logits_RxNxV = model_lib.apply(params, cfg.model, packed["inputs"], positions=packed["positions"],
+                                   segment_ids=packed["segments"])
+    ce_RxN, correct_RxN = _cross_entropy(logits_RxNxV, packed["targets"])
+    m_RxN = packed["loss_mask"].astype(jnp.float32)
+    aux = {"accuracy": (correct_RxN * m_RxN).sum() / jnp.maximum(m_RxN.sum(), 1.0),
+           "target_tokens": m_RxN.sum() / packed["n_examples"]}
+    return (ce_RxN * packed["weight"]).sum(), aux

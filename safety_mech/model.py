@@ -253,8 +253,18 @@ def _merge_heads(y_BxHxTxK, p, cfg, dt):
     return y_BxTxD + p["c_proj"]["bias"]
 
 
-def _attention(x_BxTxD, p, cfg, dt):
-    """Causal multi-head self-attention.
+def attention_mask(T: int, segment_ids_BxT=None):
+    """Which keys each query sees: causal [T, S], or with ``segment_ids_BxT`` (packed rows, see
+    ``packing.py``) causal within equal ids, [B, 1, T, S]."""
+    causal_TxS = jnp.tril(jnp.ones((T, T), bool))
+    if segment_ids_BxT is None:
+        return causal_TxS
+    same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (causal_TxS & same_BxTxS)[:, None]
+
+
+def _attention(x_BxTxD, p, cfg, dt, mask=None):
+    """Causal multi-head self-attention (``mask``: :func:`attention_mask`, default causal).
 
     Softmax normalisation after the PV product (one pass fewer over the [B, H, T, S] scores):
     measured 2x faster than the naive einsum/softmax on CPU, same result.
@@ -262,7 +272,7 @@ def _attention(x_BxTxD, p, cfg, dt):
     T = x_BxTxD.shape[1]
     q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = _heads(x_BxTxD, p, cfg, dt)
     s_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
-    s_BxHxTxS = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s_BxHxTxS, -1e30)
+    s_BxHxTxS = jnp.where(attention_mask(T) if mask is None else mask, s_BxHxTxS, -1e30)
     # Subtracting the row max only guards exp against overflow; it cancels, so no gradient through it.
     e_BxHxTxS = jnp.exp(s_BxHxTxS - jax.lax.stop_gradient(s_BxHxTxS.max(-1, keepdims=True)))
     y_BxHxTxK = jnp.einsum("bhts,bhsk->bhtk", e_BxHxTxS.astype(dt), v_BxHxSxK,
@@ -275,14 +285,14 @@ def _mlp(x_BxTxD, p, dt):
     return _dense(h_BxTxF, p["c_proj"], dt), h_BxTxF
 
 
-def _block(x_BxTxD, p, cfg, dt, attend=None):
+def _block(x_BxTxD, p, cfg, dt, attend=None, mask=None):
     """One block; returns the new residual stream and this block's activations (see module doc).
 
     ``attend(x_BxTxD, p_attn) -> [B, T, D]`` replaces the causal self-attention (default
-    :func:`_attention`): ``kv_cache.decode_step`` runs the same block for one position against cached
-    keys and values."""
+    :func:`_attention` with ``mask``): ``kv_cache.decode_step`` runs the same block for one position
+    against cached keys and values."""
     if attend is None:
-        attend = functools.partial(_attention, cfg=cfg, dt=dt)
+        attend = functools.partial(_attention, cfg=cfg, dt=dt, mask=mask)
     acts = {"block_in": x_BxTxD}
     if cfg.block == "paper":
         x_BxTxD = _layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps)  # REF overwrites the residual with LN1
@@ -301,12 +311,18 @@ def _block(x_BxTxD, p, cfg, dt, attend=None):
     return out_BxTxD, acts
 
 
-def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bool = False):
+def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bool = False,
+          positions=None, segment_ids=None):
     """Logits [B, T, V] float32 from ``tokens`` [B, T] int or ``embeddings`` [B, T, D] (exactly one).
 
     ``embeddings`` replace the token-embedding lookup (e.g. ``embed(params, cfg, tokens)``, or soft
     tokens); positions are added here in both cases. With ``capture=True`` returns
     ``(logits, acts)``, acts a dict of ``[L, B, T, ...]`` arrays named as in the module docstring.
+
+    Packed rows (several sequences per row, ``packing.py``): ``positions`` [B, T] int gives each
+    slot's position within its own sequence (default ``arange(T)``) and ``segment_ids`` [B, T] int
+    which sequence it belongs to; attention stays causal and within one segment, so every sequence
+    gets the logits it would get alone (up to float rounding).
     """
     if (tokens is None) == (embeddings is None):
         raise ValueError("pass exactly one of tokens=[B, T] ints or embeddings=[B, T, D]")
@@ -321,15 +337,17 @@ def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bo
             raise ValueError(f"sequence length {x_BxTxD.shape[1]} > cfg.seq_len={cfg.seq_len}")
     T = x_BxTxD.shape[1]
     if cfg.pos == "learned":
-        pos_TxD = params["wpe"]["embedding"][:T]
+        table = params["wpe"]["embedding"]
     else:
-        pos_TxD = jnp.asarray(sinusoidal_positions(T, cfg.d_model))
+        table = jnp.asarray(sinusoidal_positions(cfg.seq_len if positions is not None else T, cfg.d_model))
+    pos_TxD = table[:T] if positions is None else jnp.take(table, positions, axis=0)
     x_BxTxD = x_BxTxD.astype(jnp.float32) + pos_TxD
+    mask = None if segment_ids is None else attention_mask(T, segment_ids)
 
     dt = jnp.dtype(cfg.dtype)
     per_layer = []
     for i in range(cfg.n_layer):
-        x_BxTxD, acts = _block(x_BxTxD, params[f"h_{i}"], cfg, dt)
+        x_BxTxD, acts = _block(x_BxTxD, params[f"h_{i}"], cfg, dt, mask=mask)
         if capture:
             per_layer.append(acts)
     x_BxTxD = _layer_norm(x_BxTxD, params["ln_f"], cfg.ln_eps)

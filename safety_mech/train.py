@@ -120,6 +120,7 @@ class TrainConfig:
     eval_every: int = 5_000  # 0: only the final evaluation
     ckpt_every: int = 5_000  # 0: only the final checkpoint
     keep_checkpoints: int = 2
+    pack: bool = False  # pretraining only: pack short examples into shared rows (packing.py)
 
     def __post_init__(self):
         from safety_mech.losses import NORMALIZATIONS  # losses imports the model; keep it lazy
@@ -246,6 +247,27 @@ def select_replica(tree, replica: int):
 # ----------------------------------------------------------------------------------------------
 
 
+def step_key(state: TrainState):
+    """The data key of the step ``state.step``: ``fold_in(state.rng, state.step)``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def update_on_batch(state: TrainState, ref_params, batch, loss_fn: Callable, loss_cfg: Any,
+                    optimizer: optax.GradientTransformation, lr_fn: Callable | None = None):
+    """Inside jit: one optimizer update of ``state`` on ``batch``; returns ``(state, metrics)``
+    (the metrics of :func:`make_train_step`)."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, ref_params, batch, loss_cfg)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
+               "train/grad_norm": optax.tree.norm(grads),
+               "train/param_norm": optax.tree.norm(params),
+               "train/update_norm": optax.tree.norm(updates)}
+    if lr_fn is not None:
+        metrics["train/lr"] = lr_fn(state)
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, sample_fn: Callable,
                     loss_cfg: Any, *, n_replicas: int = 1, mesh=None, lr_fn: Callable | None = None,
                     ref_in_axis: int | None = None, donate: bool = True):
@@ -263,19 +285,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     """
 
     def one_step(state: TrainState, ref_params):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        batch = sharding_lib.constrain_batch(sample_fn(key, state.step), mesh)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, ref_params, batch, loss_cfg)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"train/loss": loss, **{f"train/{k}": v for k, v in aux.items()},
-                   "train/grad_norm": optax.tree.norm(grads),
-                   "train/param_norm": optax.tree.norm(params),
-                   "train/update_norm": optax.tree.norm(updates)}
-        if lr_fn is not None:
-            metrics["train/lr"] = lr_fn(state)
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        batch = sharding_lib.constrain_batch(sample_fn(step_key(state), state.step), mesh)
+        return update_on_batch(state, ref_params, batch, loss_fn, loss_cfg, optimizer, lr_fn)
 
     fn = one_step if n_replicas == 1 else jax.vmap(one_step, in_axes=(0, ref_in_axis))
     jit_kwargs = {"donate_argnums": (0,) if donate else ()}

@@ -62,6 +62,10 @@ def test_config_overrides_and_errors():
     cfg.method.w_l = -1.0
     with pytest.raises(ConfigError, match="w_l must be >= 0"):
         ft_config.validate(ft_config.inherit_from_base(cfg, base))
+    cfg = ft_config.get_config("ssft:tiny")
+    cfg.train.pack = True
+    with pytest.raises(ConfigError, match="config.train.pack=True applies to pretraining only"):
+        ft_config.validate(ft_config.inherit_from_base(cfg, base))
     with pytest.raises(ValueError, match="METHOD:SIZE"):
         ft_config.get_config("dpo")
 
