@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --preset tiny --batch 128
     python benchmarks/train_step.py --json               # {"ms_per_step": ..., "tokens_per_s": ...}
     python benchmarks/train_step.py --baseline           # + a plain Flax GPT step, interleaved
+    python benchmarks/train_step.py --no-pack            # the paper preset packs rows; compare
+    python benchmarks/train_step.py --data_step 100000   # batches from the curriculum's end
 
 Times are medians over ``--steps`` steps after compilation (each step blocked on). FLOPs per step:
 6·N·tokens for the dense layers (N = all parameters, forward + backward) plus 12·L·D·T² per sequence
