@@ -35,7 +35,7 @@ Presets:
   H200 (session 2, unpacked): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so the 100k steps take
   about 29 minutes plus evaluations; packing was not timed on a GPU yet (it adds one host sync per
   step). On the 2-core development VM a batch-64 step takes 1.3-1.4 s packed at the curriculum's
-  start (40 rows) and ~1.85 s at its end (56 rows), 2.0-2.2 s unpacked (session 5), so this preset
+  start (40 rows) and ~2.1 s at its end (58 rows), 2.0-2.3 s unpacked (session 5), so this preset
   is for a GPU/TPU: one unpacked step is 6·2.69M·58,880 ≈ 0.95 TFLOP plus attention (≈ 1.04 TFLOP),
   1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
   close to 1 (the paper's pretrained model follows instructions on safe inputs; its exact numbers

@@ -77,8 +77,6 @@ def completion_loss(params, model_cfg, tokens_BxT, mask_BxT, normalize: str = "t
     ``mask_BxT[b, t]`` marks token t as a target (the ``loss_mask`` convention of data.py), so the
     mask of the predictions is ``mask_BxT[:, 1:]``. Returns ``(loss_B, n_tokens_B, n_correct_B)``.
     """
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r}; use one of {NORMALIZATIONS}")
     ce_BxTm1, correct_BxTm1 = token_cross_entropy(params, model_cfg, tokens_BxT)
     m_BxTm1 = mask_BxT[:, 1:].astype(jnp.float32)
     n_tokens_B = m_BxTm1.sum(-1)
