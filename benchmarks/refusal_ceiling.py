@@ -12,7 +12,12 @@ second-pair case), and scores the Bayes decision "refuse when P(unsafe | text, o
 the ``unsafe`` and ``safe`` evaluation sets (fresh keys, ``--n`` each): the fraction refused on
 ``unsafe`` is the best reachable Null, the fraction answered on ``safe`` the best reachable Instruct
 (assuming the output itself is always right). t = 0.5 is the decision for a 50/50 mix (DPO and
-unlearning), t = 0.8 for SSFT's 20% unsafe.
+unlearning), t = 0.8 for SSFT's 20% unsafe (a model calibrated to SSFT's mix refuses when its own
+posterior passes 0.5, which is this threshold under an equal prior).
+
+Two more columns separate what the text's branch is worth: the "branch-blind" decision uses
+P(text | PCFG) (both branches' counts merged), i.e. a model that identifies the PCFG but not the
+branch; and the script prints the Bayes accuracy of the branch from the text alone.
 """
 from __future__ import annotations
 
@@ -68,13 +73,37 @@ def main():
     parser.add_argument("--n", type=int, default=20_000, help="evaluation inputs per set")
     args = parser.parse_args()
     counts = text_counts(args.len, args.texts)
+    blind = branch_blind(counts)
     cfg = data_lib.DataConfig(min_len=args.len, max_len=args.len, p_four_iid=1.0)
-    post = {name: unsafe_posterior(jax.tree.map(np.asarray, data_lib.sample_eval_set(
-        jax.random.key(7), cfg, name, args.n)), counts, args.texts) for name in ("unsafe", "safe")}
-    print(f"| refuse when P(unsafe) > t | best Null on unsafe | best Instruct on safe |  (text {args.len})")
-    print("|---|---|---|")
+    sets = {name: jax.tree.map(np.asarray, data_lib.sample_eval_set(jax.random.key(7), cfg, name, args.n))
+            for name in ("unsafe", "safe")}
+    post = {name: unsafe_posterior(ex, counts, args.texts) for name, ex in sets.items()}
+    post_blind = {name: unsafe_posterior(ex, blind, args.texts) for name, ex in sets.items()}
+    print(f"| refuse when P(unsafe) > t | best Null on unsafe | best Instruct on safe "
+          f"| branch-blind Null | branch-blind Instruct |  (text {args.len})")
+    print("|---|---|---|---|---|")
     for t in (0.1, 0.3, 0.5, 0.7, 0.8, 0.9):
-        print(f"| {t:.1f} | {np.mean(post['unsafe'] > t):.3f} | {np.mean(post['safe'] <= t):.3f} |")
+        print(f"| {t:.1f} | {np.mean(post['unsafe'] > t):.3f} | {np.mean(post['safe'] <= t):.3f} "
+              f"| {np.mean(post_blind['unsafe'] > t):.3f} | {np.mean(post_blind['safe'] <= t):.3f} |")
+    texts = np.concatenate([ex["text"] for ex in sets.values()]).astype(np.uint8)
+    branch = np.concatenate([ex["branch"] for ex in sets.values()])
+    print(f"Bayes accuracy of the branch from the text alone: {branch_accuracy(texts, branch, counts):.3f}")
+
+
+def branch_blind(counts: dict) -> dict:
+    """The counts of :func:`text_counts` with each PCFG's two branches merged (halved), for both."""
+    merged = {}
+    for pcfg, branch in counts:
+        both = counts[pcfg, 0] + counts[pcfg, 1]
+        merged[pcfg, branch] = collections.Counter({text: c / 2 for text, c in both.items()})
+    return merged
+
+
+def branch_accuracy(texts, branch, counts: dict) -> float:
+    """How often the more likely branch (PCFG unknown, equal priors) is the true one."""
+    like = np.array([[sum(counts[pcfg, b].get(bytes(t), 0) for pcfg in range(1, 5)) + 0.01 for b in (0, 1)]
+                     for t in texts])
+    return float(np.mean((like[:, 1] > like[:, 0]) == (branch == 1)))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ learning rate are more replicas, e.g. ``--config.train.n_replicas=4
   3 s), bit-identical metrics. At ηM, Instruct on safe / Null on unsafe (1000 inputs
   each): SSFT 90.3% / 42.9%, DPO 73.1% / 73.6%, unlearning 64.8% / 78.1%; at ηS: 76.7 / 13.6,
   55.0 / 38.4, 49.5 / 50.5 (session 2's model code, which summed in another order: 90.7 / 37.6,
-  69.2 / 70.3, 63.1 / 77.1 at ηM). The tiny model's 6-letter texts do not always reveal
+  69.2 / 70.3, 63.1 / 77.1 at ηM). Session 6 (model changes that alter float rounding; another
+  base run, also 100% Instruct): 70 / 87 / 77 s, 234 s in all; at ηM 86.7 / 30.2, 70.9 / 68.3,
+  64.2 / 74.5, at ηS 73.2 / 9.3, 48.9 / 28.8, 44.2 / 39.6. The tiny model's 6-letter texts do not always reveal
   the grammar branch that makes an input unsafe (README.md), but 8-letter texts (Bayes error 0.12
   instead of 0.22) gave the same numbers with this recipe (session 4, ηM: 89.3 / 46.6, 61.7 / 73.6,
   56.2 / 77.5), so the recipe is what to change next.

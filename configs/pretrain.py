@@ -23,7 +23,8 @@ Presets:
   ``--config.train.seed=1``: 0.004 / 0.38 / 0.93, final 1.000. Session 3 (attention summed in
   another order, the same preset): 0.10 / 0.42 / 1.00, final 1.000, in 336 s and 356 s (the
   pretraining stage of two ``launch.reproduce`` runs, nothing else running); session 4, with
-  ``safety_mech/host_memory.py``: the same numbers in 296 s (~25k tokens/s). With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
+  ``safety_mech/host_memory.py``: the same numbers in 296 s (~25k tokens/s); session 6 (attention mask
+  as a bias, ``c_fc`` against its transposed kernel): 0.08 / 0.38 / 1.00, final 1.000, in 242 s. With ``p_four_iid=0.5`` the same run ended at 0.863 (GPU
   seeds 0-4: 0.958, 1.000, 0.999, 0.671, 0.708): the composition phase starts at a random time,
   and more composition examples make it start earlier.
 * ``paper``: SPEC §5 exactly: 6 layers, 6 heads, d=192, MLP 768, tanh-GELU, sinusoidal positions
@@ -34,8 +35,8 @@ Presets:
   training up to float rounding; ``--config.train.pack=False`` turns it off). Runtime on one NVIDIA
   H200 (session 2, unpacked): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so the 100k steps take
   about 29 minutes plus evaluations; packing was not timed on a GPU yet (it adds one host sync per
-  step). On the 2-core development VM a batch-64 step takes 1.3-1.4 s packed at the curriculum's
-  start (40 rows) and ~2.1 s at its end (58 rows), 2.0-2.3 s unpacked (session 5), so this preset
+  step). On the 2-core development VM a batch-64 step takes ~1.1 s packed at the curriculum's start
+  (40 rows) and 1.65-1.9 s at its end (56 rows), ~1.85 s unpacked (session 6), so this preset
   is for a GPU/TPU: one unpacked step is 6·2.69M·58,880 ≈ 0.95 TFLOP plus attention (≈ 1.04 TFLOP),
   1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
   close to 1 (the paper's pretrained model follows instructions on safe inputs; its exact numbers
