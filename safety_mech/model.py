@@ -283,10 +283,11 @@ def _attention(x_BxTxD, p, cfg, dt, mask=None):
 
 
 def _dense_via_transpose(x, p, dt):
-    """``_dense`` computed against a materialised kernel transpose [out, in]. Why: on CPU (XNNPACK)
-    the backward product dY @ kernel^T with a long contraction (c_fc: 768) ran at half the speed of
+    """``_dense`` computed against a materialised kernel transpose [out, in]. Why: XLA's CPU backend
+    ran the backward product dY @ kernel^T with a long contraction (c_fc: 768) at half the speed of
     an untransposed one; with the transpose made explicit (the barrier keeps XLA from folding it back
-    into the dot) the backward is a plain product and the forward a fast one. Same values."""
+    into the dot) the backward is a plain product and the forward a fast one. Same values; the
+    transpose is one small copy of the kernel per call on any backend."""
     kernel_OxI = jax.lax.optimization_barrier(p["kernel"].astype(dt).T)
     y = jnp.einsum("...i,oi->...o", x.astype(dt), kernel_OxI, preferred_element_type=jnp.float32)
     return y + p["bias"] if "bias" in p else y
