@@ -6,6 +6,7 @@
     python benchmarks/train_step.py --baseline           # + a plain Flax GPT step, interleaved
     python benchmarks/train_step.py --no-pack            # the paper preset packs rows; compare
     python benchmarks/train_step.py --data_step 100000   # batches from the curriculum's end
+    python benchmarks/train_step.py --whole_run 5 --baseline  # 5 points over the run, + plain Flax
 
 Times are medians over ``--steps`` steps after compilation (each step blocked on). FLOPs per step:
 6·N·tokens for the dense layers (N = all parameters, forward + backward) plus 12·L·D·T² per sequence
@@ -23,6 +24,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 from configs import pretrain as pretrain_config
 from safety_mech import data as data_lib
@@ -53,30 +55,54 @@ def _median_times(fns, n: int) -> list[tuple[float, float]]:
     return [(statistics.median(t), f / n) for t, f in zip(times, faults)]
 
 
-def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replicas: int = 1,
-              baseline: bool = False, pack: bool | None = None, data_step: int = 0) -> dict:
-    """Times of our pretraining step (and, with ``baseline``, of benchmarks/plain_gpt.py's step of the
-    same size, interleaved step by step with ours). ``pack``: None = the preset's ``train.pack``;
-    ``data_step``: the curriculum step the batches are drawn at."""
+def _at_step(state: train_lib.TrainState, data_step: int) -> train_lib.TrainState:
+    """``state`` with its step counter set to ``data_step``: the step's sampler draws the batch of that
+    curriculum step (the learning rate follows the optimizer's own count, which is left alone)."""
+    return state._replace(step=jnp.full_like(state.step, data_step))
+
+
+def _build(preset: str, batch: int, n_replicas: int, pack: bool | None):
+    """(setup, step_fn, state, n_params, sample) of the preset's pretraining step, not yet compiled."""
     cfg = pretrain_config.get_config(preset)
     cfg.train.batch_size, cfg.train.n_replicas = batch, n_replicas
     if pack is not None:
         cfg.train.pack = pack
     setup = pretrain_config.validate(cfg)
-    T = setup.data.T
     optimizer = train_lib.make_optimizer(setup.opt)
     state = train_lib.init_replicas(jax.random.key(0), n_replicas,
                                     lambda k: model_lib.init_params(k, setup.model), optimizer,
                                     setup.opt.peak_lrs(n_replicas))
     n_params = model_lib.count_params(state.params, exclude_head=False) // n_replicas
-    sample = lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, batch, step + data_step)  # noqa: E731
+    sample = lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, batch, step)  # noqa: E731
     if setup.train.pack:
         step_fn = packing.make_packed_train_step(optimizer, sample, setup.loss, n_replicas=n_replicas)
     else:
         step_fn = train_lib.make_train_step(losses.lm_loss, optimizer, sample, setup.loss, n_replicas=n_replicas)
+    return setup, step_fn, state, n_params, sample
+
+
+def _plain_step_fn(setup, batch: int):
+    """benchmarks/plain_gpt.py's step of the same size, as a no-argument callable."""
+    import plain_gpt  # benchmarks/plain_gpt.py (this file's directory is on sys.path when run)
+    plain_step, plain_state = plain_gpt.make_step(setup.model, batch)
+    plain = {"state": plain_state}
+
+    def plain_one():
+        plain["state"], loss = plain_step(plain["state"])
+        return loss
+    return plain_one
+
+
+def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replicas: int = 1,
+              baseline: bool = False, pack: bool | None = None, data_step: int = 0) -> dict:
+    """Times of our pretraining step (and, with ``baseline``, of benchmarks/plain_gpt.py's step of the
+    same size, interleaved step by step with ours). ``pack``: None = the preset's ``train.pack``;
+    ``data_step``: the curriculum step the batches are drawn at."""
+    setup, step_fn, state, n_params, sample = _build(preset, batch, n_replicas, pack)
+    T = setup.data.T
 
     t0 = time.perf_counter()
-    holder = {"state": step_fn(state)[0]}
+    holder = {"state": step_fn(_at_step(state, data_step))[0]}
     jax.block_until_ready(holder["state"])
     compile_s = time.perf_counter() - t0
 
@@ -87,24 +113,15 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
         rows.append(metrics.get("train/packed_rows", batch))
         return metrics
 
-    fns = [one]
-    if baseline:
-        import plain_gpt  # benchmarks/plain_gpt.py (this file's directory is on sys.path when run)
-        plain_step, plain_state = plain_gpt.make_step(setup.model, batch)
-        plain = {"state": plain_state}
-
-        def plain_one():
-            plain["state"], loss = plain_step(plain["state"])
-            return loss
-        fns.append(plain_one)
+    fns = [one] + ([_plain_step_fn(setup, batch)] if baseline else [])
     for _ in range(2):  # warm (and compile the baseline): the first steps grow the heap (host_memory.py)
         for fn in fns:
             jax.block_until_ready(fn())
     timed = _median_times(fns, steps)
     step_s, step_faults = timed[0]
     sample_jit = jax.jit(sample)
-    jax.block_until_ready(sample_jit(jax.random.key(1), 0))
-    sample_s = _median_times([lambda: sample_jit(jax.random.key(2), 0)], steps)[0][0]
+    jax.block_until_ready(sample_jit(jax.random.key(1), data_step))
+    sample_s = _median_times([lambda: sample_jit(jax.random.key(2), data_step)], steps)[0][0]
 
     tokens = batch * T * n_replicas
     rows_run = statistics.median(float(jax.numpy.max(r)) for r in rows[-steps:])
@@ -117,6 +134,51 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
             "gflop_per_s": flops / step_s / 1e9, "pack": setup.train.pack, "rows": rows_run,
             "data_step": data_step, "examples_per_s": batch * n_replicas / step_s,
             **({"baseline_ms_per_step": timed[1][0] * 1e3} if baseline else {})}
+
+
+def whole_run(preset: str = "paper", batch: int = 64, steps: int = 6, points: int = 5,
+              baseline: bool = False, pack: bool | None = None) -> dict:
+    """Step times at ``points`` curriculum steps spread evenly over the preset's run (0 ... last), each
+    the median of ``steps`` steps (interleaved with the plain Flax step when ``baseline``); the run's
+    mean step time is their trapezoid average over the run, which is what the run's wall time follows
+    (a packed step's cost grows as the curriculum adds longer examples). One compiled step serves all
+    points (its sampler reads the curriculum step from the state)."""
+    setup, step_fn, state, n_params, _ = _build(preset, batch, 1, pack)
+    total = setup.train.steps
+    at = [round(i * total / (points - 1)) for i in range(points)] if points > 1 else [0]
+    holder = {"state": state}
+    rows = []
+
+    def one():
+        holder["state"], metrics = step_fn(holder["state"])
+        rows.append(float(jax.numpy.max(metrics.get("train/packed_rows", batch))))
+        return metrics
+
+    fns = [one] + ([_plain_step_fn(setup, batch)] if baseline else [])
+    table = []
+    for data_step in at:
+        holder["state"] = _at_step(holder["state"], data_step)
+        for _ in range(2):  # warm: compiles the row buckets this part of the curriculum needs
+            for fn in fns:
+                jax.block_until_ready(fn())
+        timed = _median_times(fns, steps)
+        table.append({"data_step": data_step, "rows": statistics.median(rows[-steps:]),
+                      "ms_per_step": timed[0][0] * 1e3,
+                      "gflop_per_s": step_flops(setup.model, n_params, statistics.median(rows[-steps:]),
+                                                setup.data.T) / timed[0][0] / 1e9,
+                      **({"baseline_ms_per_step": timed[1][0] * 1e3} if baseline else {})})
+
+    def run_mean(key):
+        values = [row[key] for row in table]
+        if len(values) == 1:
+            return values[0]
+        return sum((a + b) / 2 for a, b in zip(values, values[1:])) / (len(values) - 1)
+
+    out = {"preset": preset, "batch": batch, "pack": setup.train.pack, "run_steps": total, "points": table,
+           "run_mean_ms_per_step": run_mean("ms_per_step")}
+    if baseline:
+        out["run_mean_baseline_ms_per_step"] = run_mean("baseline_ms_per_step")
+    return out
 
 
 def main():
@@ -134,9 +196,16 @@ def main():
                         help="pack examples into shared rows (default: the preset's train.pack)")
     parser.add_argument("--data_step", type=int, default=0,
                         help="curriculum step the batches are drawn at (0: the paper curriculum's start)")
+    parser.add_argument("--whole_run", type=int, default=0, metavar="POINTS",
+                        help="time the step at POINTS curriculum steps spread over the run (0 ... last) "
+                             "and print the run's mean step (the wall time follows it)")
     args = parser.parse_args()
     if not args.default_malloc:
         host_memory.keep_freed_memory()  # before the first computation
+    if args.whole_run:
+        print_whole_run(whole_run(args.preset, args.batch, args.steps, args.whole_run,
+                                  args.baseline, args.pack), args.json)
+        return
     r = benchmark(args.preset, args.batch, args.steps, args.replicas, args.baseline, args.pack, args.data_step)
     if args.json:
         print(json.dumps({"ms_per_step": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"]}))
@@ -161,6 +230,27 @@ def main():
     print(f"| {'quantity'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in rows:
         print(f"| {k.ljust(width)} | {v} |")
+
+
+def print_whole_run(r: dict, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(r))
+        return
+    baseline = "run_mean_baseline_ms_per_step" in r
+    print(f"{r['preset']} preset, batch {r['batch']}, {'packed' if r['pack'] else 'not packed'}; "
+          f"{len(r['points'])} points over its {r['run_steps']:,} steps")
+    print("| curriculum step | rows | ours (ms) | GFLOP/s | " + ("plain Flax (ms) | plain / ours |" if baseline else ""))
+    print("|---|---|---|---|" + ("---|---|" if baseline else ""))
+    for p in r["points"]:
+        line = f"| {p['data_step']:,} | {p['rows']:.0f} | {p['ms_per_step']:.0f} | {p['gflop_per_s']:.0f} |"
+        if baseline:
+            line += f" {p['baseline_ms_per_step']:.0f} | {p['baseline_ms_per_step'] / p['ms_per_step']:.2f} |"
+        print(line)
+    line = f"| run mean | | {r['run_mean_ms_per_step']:.0f} | |"
+    if baseline:
+        ratio = r["run_mean_baseline_ms_per_step"] / r["run_mean_ms_per_step"]
+        line += f" {r['run_mean_baseline_ms_per_step']:.0f} | {ratio:.2f} |"
+    print(line)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ learning rate are more replicas, e.g. ``--config.train.n_replicas=4
   64.2 / 74.5, at ηS 73.2 / 9.3, 48.9 / 28.8, 44.2 / 39.6. The tiny model's 6-letter texts do not always reveal
   the grammar branch that makes an input unsafe (README.md), but 8-letter texts (Bayes error 0.12
   instead of 0.22) gave the same numbers with this recipe (session 4, ηM: 89.3 / 46.6, 61.7 / 73.6,
-  56.2 / 77.5), so the recipe is what to change next.
+  56.2 / 77.5), so the recipe is what to change next. Session 7: a longer recipe does not get
+  there either. SSFT at ηM levels off at Null ~0.76 (1200 steps at lr 1e-3 or 3e-3, or 600 steps
+  of batch 256; 8- and 12-letter or 3-layer bases alike). The model does not learn the refusals
+  that depend on the text's grammar branch (README.md; ``benchmarks/refusal_breakdown.py``).
 
 Expected metrics (both presets): to be measured. What to look at: ``train/logp_undesired`` falls and
 ``train/logp_desired`` rises (SSFT, unlearning), ``train/reward_margin`` / ``train/reward_accuracy``

@@ -36,7 +36,8 @@ Presets:
   H200 (session 2, unpacked): 17.4 ms per step (57 steps/s, 3.38M tokens/s), so the 100k steps take
   about 29 minutes plus evaluations; packing was not timed on a GPU yet (it adds one host sync per
   step). On the 2-core development VM a batch-64 step takes ~1.1 s packed at the curriculum's start
-  (40 rows) and 1.65-1.9 s at its end (56 rows), ~1.85 s unpacked (session 6), so this preset
+  (40 rows) and 1.65-1.9 s at its end (56 rows), ~1.85 s unpacked (session 6); 1.59-1.75 s on
+  average over the run (``benchmarks/train_step.py --whole_run 5``, session 7), so this preset
   is for a GPU/TPU: one unpacked step is 6·2.69M·58,880 ≈ 0.95 TFLOP plus attention (≈ 1.04 TFLOP),
   1.0e17 FLOPs for the run. Expected: eval/safe/gen_instruct
   close to 1 (the paper's pretrained model follows instructions on safe inputs; its exact numbers
