@@ -124,7 +124,7 @@ def print_probes(params, model_cfg, data_cfg, n: int, seed: int) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a fine-tuning run directory")
+    parser.add_argument("--run", required=True, help="a run directory (fine-tuning; or pretraining, for --probe)")
     parser.add_argument("--replica", type=int, default=None, help="one replica (default: every one)")
     parser.add_argument("--n", type=int, default=2000, help="inputs per set")
     parser.add_argument("--seed", type=int, default=99, help="key of the evaluation inputs")
@@ -134,9 +134,12 @@ def main():
     parser.add_argument("--probe_n", type=int, default=10_000, help="inputs per set for --probe")
     args = parser.parse_args()
 
-    setup, _, step = evaluate_launch.load_run(args.run)
-    n_replicas = setup.train.n_replicas
-    params = evaluate_launch.load_replicas(args.run, step, setup.model, n_replicas)
+    try:
+        setup, _, step = evaluate_launch.load_run(args.run)
+        n_replicas = setup.train.n_replicas
+        params = evaluate_launch.load_replicas(args.run, step, setup.model, n_replicas)
+    except evaluate_launch.RunError as e:
+        sys.exit(str(e))
     if n_replicas == 1:
         params = jax.tree.map(lambda x: x[None], params)
     replicas = range(n_replicas) if args.replica is None else [args.replica]
@@ -145,8 +148,9 @@ def main():
     decode = jax.jit(jax.vmap(lambda p, ev: eval_lib.example_metrics(p, setup.model, ev), in_axes=(0, None)))
     counts = None
     if args.posterior:
-        if setup.data.min_len != setup.data.max_len:
-            sys.exit("--posterior needs a fixed text length (data.min_len == data.max_len)")
+        if setup.data.min_len != setup.data.max_len or setup.data.p_four_iid != 1.0:
+            sys.exit("--posterior models the tiny preset's data: it needs data.min_len == data.max_len and "
+                     "data.p_four_iid == 1 (refusal_ceiling.py)")
         counts = refusal_ceiling.text_counts(setup.data.min_len, args.texts)
     prior = setup.data.p_unsafe
     print(f"{args.run} (step {step}), {args.n} inputs per set, replicas {list(replicas)}")
@@ -155,7 +159,7 @@ def main():
                                        keys=eval_lib.EVAL_KEYS + GROUP_KEYS)
         posterior = None
         if counts is not None:
-            equal = refusal_ceiling.unsafe_posterior(ev, counts, args.texts)  # equal prior
+            equal = refusal_ceiling.unsafe_posterior(ev, counts, args.texts, setup.data.p_second_pair)  # equal prior
             posterior = equal * prior / (equal * prior + (1 - equal) * (1 - prior))
         groups = breakdown_groups({**ev, "unsafe_input": name == "unsafe"}, posterior)
         per_example = jax.device_get(decode(params, {k: ev[k] for k in eval_lib.EVAL_KEYS}))
