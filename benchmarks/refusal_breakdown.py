@@ -38,6 +38,7 @@ from launch import evaluate as evaluate_launch  # noqa: E402
 from safety_mech import data as data_lib  # noqa: E402
 from safety_mech import evaluate as eval_lib  # noqa: E402
 from safety_mech import model as model_lib  # noqa: E402
+from safety_mech.analysis import activations  # noqa: E402
 
 GROUP_KEYS = ("text", "ops", "branch", "pcfg", "second_pair")
 POSTERIOR_BINS = (0.0, 0.2, 0.5, 0.8, 0.95, 1.0)
@@ -79,19 +80,18 @@ def breakdown_groups(ev: dict, posterior: np.ndarray | None = None) -> dict:
 
 
 def probe_features(params, model_cfg, ev: dict, chunk: int = 1000) -> np.ndarray:
-    """[n, 2·L·D] float64: each block's residual output at the EOT (the last prompt position) and its
-    mean over the text positions (between SOT and EOT)."""
+    """[n, 2·L·D] float64: each block's residual output at the EOT (the last prompt position, via
+    ``analysis.activations.collect_window``) and its mean over the text positions (SOT .. EOT)."""
+    at_eot = activations.collect_window(params, model_cfg, ev["prompt"], ev["prompt_len"], site="resid_out",
+                                        positions=1, batch_size=chunk)[:, :, 0]  # [L, n, D]
     acts = jax.jit(lambda p, t: model_lib.apply(p, model_cfg, t, capture=True)[1]["resid_out"])
-    out = []
+    mean_text = []
     for i in range(0, len(ev["prompt"]), chunk):
         a = np.asarray(acts(params, ev["prompt"][i:i + chunk]), np.float64)  # [L, B, T, D]
-        eot = ev["prompt_len"][i:i + chunk] - 1
-        T = a.shape[2]
-        text = (np.arange(T)[None] > 5) & (np.arange(T)[None] < eot[:, None])  # after BOS o1..o4 SOT
-        at_eot = a[:, np.arange(a.shape[1]), eot]  # [L, B, D]
-        mean_text = (a * text[None, :, :, None]).sum(2) / text.sum(1)[None, :, None]
-        out.append(np.concatenate(list(at_eot) + list(mean_text), axis=-1))
-    return np.concatenate(out)
+        j = np.arange(a.shape[2])[None]
+        text = (j > 5) & (j < ev["prompt_len"][i:i + chunk, None] - 1)  # after BOS o1..o4 SOT, before EOT
+        mean_text.append((a * text[None, :, :, None]).sum(2) / text.sum(1)[None, :, None])
+    return np.concatenate(list(at_eot.astype(np.float64)) + list(np.concatenate(mean_text, axis=1)), axis=-1)
 
 
 def logistic_probe_accuracy(x: np.ndarray, y: np.ndarray, train_frac: float = 0.8, iters: int = 25,
