@@ -199,10 +199,12 @@ def main():
                         help="time the step at POINTS curriculum steps spread over the run (0 ... last) "
                              "and print the run's mean step (the wall time follows it)")
     args = parser.parse_args()
-    if not args.default_malloc:
-        host_memory.keep_freed_memory()  # before the first computation
     if args.whole_run < 0:
         parser.error(f"--whole_run must be >= 0 (0: off), got {args.whole_run}")
+    if args.whole_run and (args.replicas != 1 or args.data_step):
+        parser.error("--whole_run picks its own curriculum steps and times one replica; drop --data_step / --replicas")
+    if not args.default_malloc:
+        host_memory.keep_freed_memory()  # before the first computation
     if args.whole_run:
         print_whole_run(whole_run(args.preset, args.batch, args.steps, args.whole_run,
                                   args.baseline, args.pack), args.json)
