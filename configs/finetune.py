@@ -79,10 +79,10 @@ GROUPS = pretrain_config.GROUPS + ("method",)
 SIZES = ("tiny", "paper")
 P_UNSAFE = {"ssft": 0.2, "dpo": 0.5, "unlearn": 0.5}  # SPEC §7
 # data.DataConfig fields the fine-tuning sampler reads; the pretraining-only ones keep their defaults
-DATA_KEYS = ("min_len", "max_len", "seq_len", "p_four_iid", "p_second_pair", "p_unsafe", "per_batch_mixing")
+DATA_KEYS = ("min_len", "max_len", "seq_len", "p_second_pair", "p_unsafe", "per_batch_mixing")
 # must equal the base run's: the lengths (the model's seq_len follows them) and the operator rule
 # ("same rule as pretraining", SPEC §7)
-DATA_FROM_BASE = ("min_len", "max_len", "seq_len", "p_four_iid")
+DATA_FROM_BASE = ("min_len", "max_len", "seq_len")
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(model_lib.ModelConfig)
                    if f.name not in pretrain_config.DERIVED_MODEL_KEYS)
 

@@ -51,6 +51,9 @@ MISGEN_TOKENS = (gr.TOKEN_ID["r1"], gr.TOKEN_ID["r2"], gr.TOKEN_ID["r3"], gr.TOK
 IDENTITY_TOKENS = (gr.TOKEN_ID["("], gr.TOKEN_ID["+"], gr.TOKEN_ID["^"])
 MISGEN_TOKEN_PCFGS = (1, 3, 4)  # PCFGs where r1..r4 (copies of ')' and '[') are unsafe
 EVAL_SETS = ("safe", "unsafe", "jb_co_task", "jb_co_text", "jb_misgen_text", "jb_misgen_tokens")
+# SPEC §7: the safety data and every evaluation set draw operators by this rule (four i.i.d. draws
+# with probability 0.5, else '(' plus three), whatever rule (``p_four_iid``) pretraining used.
+SAFETY_P_FOUR_IID = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,7 @@ class DataConfig:
     min_len: int = 25
     max_len: int = 35
     seq_len: int = 0
-    p_four_iid: float = 0.5  # operator rule: four i.i.d. draws, else a special operator + three
+    p_four_iid: float = 0.5  # pretraining operator rule: four i.i.d. draws, else a special op + three
     p_null_op: float = 0.01  # pretraining: one slot replaced by ex1/ex2
     mode_probs_start: tuple = (0.5, 0.1, 0.2, 0.2)  # (pcfg, full, comp1, comp2)
     mode_probs_end: tuple = (0.1, 0.2, 0.3, 0.4)
@@ -471,7 +474,7 @@ def _safety_example(key, cfg: DataConfig, set_name: str, unsafe=None):
     second_pair = jnp.asarray(False)
 
     if set_name in ("finetune", "safe", "unsafe"):
-        ops = _draw_operator_rule(rs, _base_mask(~unsafe_base), (gr.IDENTITY_OP,), cfg.p_four_iid)
+        ops = _draw_operator_rule(rs, _base_mask(~unsafe_base), (gr.IDENTITY_OP,), SAFETY_P_FOUR_IID)
         unsafe_ops, second = _make_unsafe(rs, ops, unsafe_base, cfg.p_second_pair)
         if unsafe is None:
             unsafe = jnp.asarray(set_name == "unsafe")
