@@ -12,20 +12,23 @@ Cache layout (a dict, a pytree: it can be a ``fori_loop`` carry and is vmapped l
     cache["v"]   [L, B, H, S, K]   values, same layout
 
 ``S`` is the length of the array given to :func:`prefill` (at most ``cfg.seq_len``); the layout is
-``model._heads``' heads-first [B, H, T, K] stacked over layers, so the cached keys are exactly the
+``model.qkv_heads``' heads-first [B, H, T, K] stacked over layers, so the cached keys are exactly the
 ones the full forward pass attends to. There is no length field: every :func:`decode_step` is told
 each row's position ``pos_B`` and attends to the entries ``s <= pos_B`` of that row only, so entries
 past a row's position (the prefill's keys of whatever the array held there, or a later step's) are
 never read before that row's own step at that position overwrites them. Rows may be at different
 positions (prompts of different lengths).
 
-The math is ``model``'s: :func:`prefill` *is* ``model.apply`` (``embeddings=``, positions added
-there) with the activations captured, the keys and values read off each block's attention input
-``LN1(block_in)`` with ``model._heads`` (XLA merges this with the identical projection inside the
-forward pass: the compiled prefill has as many dot products as ``model.apply``);
-:func:`decode_step` runs ``model._block`` itself for one position, its attention replaced by one
-against the cache (``model._heads`` / ``_merge_heads`` and the same softmax, normalised after the
-PV product, as ``model._attention``).
+The math is ``model``'s, through its public building blocks only: :func:`prefill` *is*
+``model.apply`` (``embeddings=``, positions added there) with the activations captured, the keys and
+values read off each block's attention input ``LN1(block_in)`` with ``model.layer_norm`` and
+``model.qkv_heads`` (XLA merges this with the identical projection inside the forward pass: the
+compiled prefill has as many dot products as ``model.apply``). :func:`decode_step` adds
+``model.position_encoding`` to the new position's embedding and runs ``model.block`` for that one
+position, its ``attend`` hook computing the new query, key and value (``model.qkv_heads``), writing
+the key and value into the cache, and attending over the row's visible cache entries with
+``model.attend`` (the full pass's softmax attention) and ``model.merge_heads``; ``model.unembed``
+gives the logits.
 """
 from __future__ import annotations
 
@@ -50,8 +53,8 @@ def prefill(params, cfg: model_lib.ModelConfig, embeddings_BxTxD):
     for i in range(cfg.n_layer):
         p = params[f"h_{i}"]
         # Both blocks feed attention LN1(block_in) (model docstring), so this is the pass's own k, v.
-        attn_in_BxTxD = model_lib._layer_norm(acts["block_in"][i], p["ln_1"], cfg.ln_eps)
-        _, k_BxHxTxK, v_BxHxTxK = model_lib._heads(attn_in_BxTxD, p["attn"], cfg, dt)
+        attn_in_BxTxD = model_lib.layer_norm(acts["block_in"][i], p["ln_1"], cfg.ln_eps)
+        _, k_BxHxTxK, v_BxHxTxK = model_lib.qkv_heads(attn_in_BxTxD, p["attn"], cfg, dt)
         k_layers.append(k_BxHxTxK)
         v_layers.append(v_BxHxTxK)
     return logits_BxTxV, {"k": jnp.stack(k_layers), "v": jnp.stack(v_layers)}
@@ -92,7 +95,7 @@ def decode_step(params, cfg: model_lib.ModelConfig, cache, token_B=None, pos_B=N
         raise ValueError("pass exactly one of token_B=[B] ints or embedding_BxD=[B, d_model]")
     if pos_B is None:
         raise ValueError("decode_step needs pos_B=[B] positions")
-    model_lib._check_params(params, cfg)
+    model_lib.check_params(params, cfg)
     if embedding_BxD is None:
         token_B = jnp.asarray(token_B)
         if token_B.ndim != 1 or not jnp.issubdtype(token_B.dtype, jnp.integer):
@@ -113,10 +116,7 @@ def decode_step(params, cfg: model_lib.ModelConfig, cache, token_B=None, pos_B=N
             raise ValueError(f"positions span [{lo}, {hi}], outside the cache's [0, {S})")
     pos_B = jnp.clip(pos_B, 0, S - 1)
 
-    if cfg.pos == "learned":
-        pos_BxD = jnp.take(params["wpe"]["embedding"], pos_B, axis=0)
-    else:  # the same rows as apply's sinusoid table (each row depends on its position only)
-        pos_BxD = jnp.take(jnp.asarray(model_lib.sinusoidal_positions(S, cfg.d_model)), pos_B, axis=0)
+    pos_BxD = model_lib.position_encoding(params, cfg, pos_B)  # the rows apply adds at these positions
     x_Bx1xD = (x_BxD.astype(jnp.float32) + pos_BxD)[:, None, :]
 
     dt = jnp.dtype(cfg.dtype)
@@ -127,18 +127,14 @@ def decode_step(params, cfg: model_lib.ModelConfig, cache, token_B=None, pos_B=N
     def attend(layer, attn_in_Bx1xD, p_attn):
         """Attention of the new position over its row's cache, after writing its own k, v there."""
         nonlocal k_LxBxHxSxK, v_LxBxHxSxK
-        q_BxHx1xK, k_BxHx1xK, v_BxHx1xK = model_lib._heads(attn_in_Bx1xD, p_attn, cfg, dt)
+        q_BxHx1xK, k_BxHx1xK, v_BxHx1xK = model_lib.qkv_heads(attn_in_Bx1xD, p_attn, cfg, dt)
         k_LxBxHxSxK = k_LxBxHxSxK.at[layer, rows_B, :, pos_B].set(k_BxHx1xK[:, :, 0].astype(k_LxBxHxSxK.dtype))
         v_LxBxHxSxK = v_LxBxHxSxK.at[layer, rows_B, :, pos_B].set(v_BxHx1xK[:, :, 0].astype(v_LxBxHxSxK.dtype))
         k_BxHxSxK, v_BxHxSxK = k_LxBxHxSxK[layer].astype(dt), v_LxBxHxSxK[layer].astype(dt)
-        s_BxHx1xS = jnp.einsum("bhtk,bhsk->bhts", q_BxHx1xK, k_BxHxSxK, preferred_element_type=jnp.float32)
-        s_BxHx1xS = jnp.where(visible_Bx1x1xS, s_BxHx1xS, -1e30)  # as model._attention's causal mask
-        e_BxHx1xS = jnp.exp(s_BxHx1xS - jax.lax.stop_gradient(s_BxHx1xS.max(-1, keepdims=True)))
-        y_BxHx1xK = jnp.einsum("bhts,bhsk->bhtk", e_BxHx1xS.astype(dt), v_BxHxSxK, preferred_element_type=jnp.float32)
-        return model_lib._merge_heads(y_BxHx1xK / e_BxHx1xS.sum(-1, keepdims=True), p_attn, cfg, dt)
+        y_BxHx1xK = model_lib.attend(q_BxHx1xK, k_BxHxSxK, v_BxHxSxK, visible_Bx1x1xS, dt)
+        return model_lib.merge_heads(y_BxHx1xK, p_attn, cfg, dt)
 
     for i in range(cfg.n_layer):  # model's own blocks, one position, attention against the cache
-        x_Bx1xD, _ = model_lib._block(x_Bx1xD, params[f"h_{i}"], cfg, dt, attend=functools.partial(attend, i))
-    x_Bx1xD = model_lib._layer_norm(x_Bx1xD, params["ln_f"], cfg.ln_eps)
-    logits_BxV = model_lib._dense(x_Bx1xD, params["lm_head"], dt)[:, 0]
+        x_Bx1xD, _ = model_lib.block(x_Bx1xD, params[f"h_{i}"], cfg, dt, attend=functools.partial(attend, i))
+    logits_BxV = model_lib.unembed(params, cfg, x_Bx1xD)[:, 0]
     return logits_BxV, {"k": k_LxBxHxSxK, "v": v_LxBxHxSxK}

@@ -56,6 +56,18 @@ Usage (cfg is frozen, hence hashable and static; with cfg bound by keyword, pass
 
 ``dtype`` is the compute dtype of the matmul inputs; parameters stay float32, and the residual stream,
 LayerNorm, softmax, matmul accumulation, logits and captured activations are float32.
+
+Building blocks, public so that an incremental decoder (``kv_cache.py``) runs this model's own code
+one position at a time rather than a copy of it; ``apply`` is built from the same functions::
+
+    check_params(params, cfg)                           structural params/config check
+    embed(params, cfg, tokens)                          token embeddings [B, T, D]
+    position_encoding(params, cfg, T | positions)       position rows [T, D] or [..., D]
+    block(x_BxTxD, p, cfg, dt, attend=None, mask=None)  one block, with a hook for its attention
+        layer_norm(x, p, eps)    qkv_heads(x_BxTxD, p_attn, cfg, dt) -> q, k, v [B, H, T, K]
+        attend(q, k, v, visible_mask, dt) -> [B, H, T, K]    merge_heads(y_BxHxTxK, p_attn, cfg, dt)
+        attention_mask(T, segment_ids)    dense(x, p, dt)
+    unembed(params, cfg, x_BxTxD)                       ln_f + lm_head -> logits [B, T, V]
 """
 from __future__ import annotations
 
@@ -168,8 +180,10 @@ def count_params(params, exclude_head: bool = True) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))  # arrays or eval_shape
 
 
-def _check_params(params, cfg: ModelConfig):
-    """Trace-time structural checks, so a config/params mismatch is a one-line error, not a KeyError."""
+def check_params(params, cfg: ModelConfig):
+    """Trace-time structural checks of ``params`` against ``cfg`` (layer count, embedding shapes, block
+    and position kind), so a config/params mismatch is a one-line ``ValueError``, not a KeyError deep
+    in the forward pass. Called by ``apply`` and by anything else that runs the blocks itself."""
     V, D = cfg.vocab_size, cfg.d_model
     wte = params["wte"]["embedding"]
     if wte.shape != (V, D):
@@ -191,7 +205,8 @@ def _check_params(params, cfg: ModelConfig):
 
 
 def embed(params, cfg: ModelConfig, tokens):
-    """Token embedding lookup only, [B, T] int -> [B, T, D] float32 (positions are added in apply)."""
+    """Token embedding lookup only, [B, T] int -> [B, T, D] float32 (positions are added in apply,
+    see :func:`position_encoding`)."""
     tokens_BxT = _check_tokens(tokens, cfg)
     return jnp.take(params["wte"]["embedding"], tokens_BxT, axis=0)
 
@@ -212,20 +227,40 @@ def _check_tokens(tokens, cfg):
     return tokens
 
 
-def _layer_norm(x, p, eps):
+def position_encoding(params, cfg: ModelConfig, positions):
+    """The position encodings ``apply`` adds to the embeddings (learned ``wpe`` rows, or the sinusoid
+    of :func:`sinusoidal_positions`, per ``cfg.pos``), float32.
+
+    ``positions`` is an int T, for positions 0..T-1 ([T, D], a slice of the table), or an int array
+    of positions in [0, cfg.seq_len) of any shape ([..., D], gathered). Each row depends on its
+    position only, so a decoder that adds one position's row at a time gets ``apply``'s numbers."""
+    whole = isinstance(positions, (int, np.integer))
+    if whole and positions > cfg.seq_len:
+        raise ValueError(f"sequence length {positions} > cfg.seq_len={cfg.seq_len}")
+    if cfg.pos == "learned":
+        table = params["wpe"]["embedding"]
+    else:
+        table = jnp.asarray(sinusoidal_positions(positions if whole else cfg.seq_len, cfg.d_model))
+    return table[:positions] if whole else jnp.take(table, positions, axis=0)
+
+
+def layer_norm(x, p, eps):
+    """LayerNorm over the last axis with ``p["scale"]`` and ``p["bias"]`` (float32 in, float32 out)."""
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
 
-def _dense(x, p, dt):
+def dense(x, p, dt):
     """x @ kernel (+ bias): inputs cast to the compute dtype, float32 accumulation and output."""
     y = jnp.matmul(x.astype(dt), p["kernel"].astype(dt), preferred_element_type=jnp.float32)
     return y + p["bias"] if "bias" in p else y
 
 
-def _heads(x_BxTxD, p, cfg, dt):
-    """Queries (scaled by 1/sqrt(K)), keys and values, heads-first [B, H, T, K] in the compute dtype.
+def qkv_heads(x_BxTxD, p, cfg, dt):
+    """Queries (scaled by 1/sqrt(K)), keys and values, heads-first [B, H, T, K] in the compute dtype,
+    from the attention input ``x_BxTxD`` and the attention params ``p`` (``h_{i}/attn``). A decoder
+    caches the keys and values in this layout.
 
     Three projections against column blocks of the fused ``c_attn`` kernel, each written straight into
     the heads-first layout: one fused [D, 3D] product split afterwards made XLA assemble the [B, T, 3D]
@@ -245,8 +280,9 @@ def _heads(x_BxTxD, p, cfg, dt):
     return q_BxHxTxK, project(1).astype(dt), project(2).astype(dt)
 
 
-def _merge_heads(y_BxHxTxK, p, cfg, dt):
-    """Output projection straight from the heads-first layout: [B, H, T, K] -> [B, T, D]."""
+def merge_heads(y_BxHxTxK, p, cfg, dt):
+    """Output projection (``p["c_proj"]``, ``p`` the attention params) straight from the heads-first
+    layout of :func:`attend`'s result: [B, H, T, K] -> [B, T, D] float32."""
     D, H = cfg.d_model, cfg.n_head
     w_HxKxD = p["c_proj"]["kernel"].astype(dt).reshape(H, D // H, D)
     y_BxTxD = jnp.einsum("bhtk,hkd->btd", y_BxHxTxK.astype(dt), w_HxKxD, preferred_element_type=jnp.float32)
@@ -263,27 +299,37 @@ def attention_mask(T: int, segment_ids_BxT=None):
     return (causal_TxS & same_BxTxS)[:, None]
 
 
-def _attention(x_BxTxD, p, cfg, dt, mask=None):
-    """Causal multi-head self-attention (``mask``: :func:`attention_mask`, default causal).
+def attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, visible_mask, dt):
+    """Multi-head softmax attention of queries over keys and values (:func:`qkv_heads`' layout, the
+    queries already scaled): [B, H, T, K], before the output projection (:func:`merge_heads`).
 
-    Softmax normalisation after the PV product (one pass fewer over the [B, H, T, S] scores):
-    measured 2x faster than the naive einsum/softmax on CPU, same result. The mask enters as an
-    additive 0 / −1e30 bias rather than a select: the select's backward pass cost a full pass over
-    the scores per layer (~70 ms of the paper-size CPU step).
+    ``visible_mask`` (bool, broadcastable to [B, H, T, S]) says which keys each query sees, e.g.
+    :func:`attention_mask`'s [T, S] or [B, 1, T, S], or a decoder's [B, 1, 1, S] over its cache;
+    every query must see at least one key. Softmax normalisation after the PV product (one pass fewer
+    over the [B, H, T, S] scores): measured 2x faster than the naive einsum/softmax on CPU, same
+    result. The mask enters as an additive 0 / −1e30 bias rather than a select: the select's backward
+    pass cost a full pass over the scores per layer (~70 ms of the paper-size CPU step).
     """
-    T = x_BxTxD.shape[1]
-    q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = _heads(x_BxTxD, p, cfg, dt)
     s_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
-    s_BxHxTxS = s_BxHxTxS + jnp.where(attention_mask(T) if mask is None else mask, 0.0, -1e30)
+    s_BxHxTxS = s_BxHxTxS + jnp.where(visible_mask, 0.0, -1e30)
     # Subtracting the row max only guards exp against overflow; it cancels, so no gradient through it.
     e_BxHxTxS = jnp.exp(s_BxHxTxS - jax.lax.stop_gradient(s_BxHxTxS.max(-1, keepdims=True)))
     y_BxHxTxK = jnp.einsum("bhts,bhsk->bhtk", e_BxHxTxS.astype(dt), v_BxHxSxK,
                            preferred_element_type=jnp.float32)
-    return _merge_heads(y_BxHxTxK / e_BxHxTxS.sum(-1, keepdims=True), p, cfg, dt)
+    return y_BxHxTxK / e_BxHxTxS.sum(-1, keepdims=True)
+
+
+def _attention(x_BxTxD, p, cfg, dt, mask=None):
+    """Causal multi-head self-attention with output projection (``mask``: :func:`attention_mask`,
+    default causal): :func:`qkv_heads`, :func:`attend`, :func:`merge_heads`."""
+    T = x_BxTxD.shape[1]
+    q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = qkv_heads(x_BxTxD, p, cfg, dt)
+    y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, attention_mask(T) if mask is None else mask, dt)
+    return merge_heads(y_BxHxTxK, p, cfg, dt)
 
 
 def _dense_via_transpose(x, p, dt):
-    """``_dense`` computed against a materialised kernel transpose [out, in]. Why: XLA's CPU backend
+    """:func:`dense` computed against a materialised kernel transpose [out, in]. Why: XLA's CPU backend
     ran the backward product dY @ kernel^T with a long contraction (c_fc: 768) at half the speed of
     an untransposed one; with the transpose made explicit (the barrier keeps XLA from folding it back
     into the dot) the backward is a plain product and the forward a fast one. Same values; the
@@ -295,33 +341,42 @@ def _dense_via_transpose(x, p, dt):
 
 def _mlp(x_BxTxD, p, dt):
     h_BxTxF = jax.nn.gelu(_dense_via_transpose(x_BxTxD, p["c_fc"], dt), approximate=True)
-    return _dense(h_BxTxF, p["c_proj"], dt), h_BxTxF
+    return dense(h_BxTxF, p["c_proj"], dt), h_BxTxF
 
 
-def _block(x_BxTxD, p, cfg, dt, attend=None, mask=None):
-    """One block; returns the new residual stream and this block's activations (see module doc).
+def block(x_BxTxD, p, cfg, dt, attend=None, mask=None):
+    """One block (``p`` = ``params["h_{i}"]``); returns the new residual stream and this block's
+    activations (see module doc).
 
-    ``attend(x_BxTxD, p_attn) -> [B, T, D]`` replaces the causal self-attention (default
-    :func:`_attention` with ``mask``): ``kv_cache.decode_step`` runs the same block for one position
-    against cached keys and values."""
+    ``attend(attn_in_BxTxD, p_attn) -> [B, T, D]`` (a hook, not the function :func:`attend`)
+    replaces the causal self-attention with its output projection (default: over ``x_BxTxD``'s own
+    positions, visibility ``mask`` as in :func:`attend`, causal if None): ``kv_cache.decode_step``
+    runs this same block for one position against cached keys and values."""
     if attend is None:
         attend = functools.partial(_attention, cfg=cfg, dt=dt, mask=mask)
     acts = {"block_in": x_BxTxD}
     if cfg.block == "paper":
-        x_BxTxD = _layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps)  # REF overwrites the residual with LN1
+        x_BxTxD = layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps)  # REF overwrites the residual with LN1
         attn_BxTxD = attend(x_BxTxD, p["attn"])
         mlp_in_BxTxD = x_BxTxD + attn_BxTxD
         mlp_BxTxD, hidden_BxTxF = _mlp(mlp_in_BxTxD, p["mlp"], dt)
         out_BxTxD = mlp_in_BxTxD + mlp_BxTxD
     else:
-        attn_BxTxD = attend(_layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps), p["attn"])
+        attn_BxTxD = attend(layer_norm(x_BxTxD, p["ln_1"], cfg.ln_eps), p["attn"])
         x_BxTxD = x_BxTxD + attn_BxTxD
-        mlp_in_BxTxD = _layer_norm(x_BxTxD, p["ln_2"], cfg.ln_eps)
+        mlp_in_BxTxD = layer_norm(x_BxTxD, p["ln_2"], cfg.ln_eps)
         mlp_BxTxD, hidden_BxTxF = _mlp(mlp_in_BxTxD, p["mlp"], dt)
         out_BxTxD = x_BxTxD + mlp_BxTxD
     acts.update(attn_out=attn_BxTxD, mlp_in=mlp_in_BxTxD, mlp_hidden=hidden_BxTxF,
                 mlp_out=mlp_BxTxD, resid_out=out_BxTxD)
     return out_BxTxD, acts
+
+
+def unembed(params, cfg: ModelConfig, x_BxTxD):
+    """The head on the last block's output: ``ln_f`` then ``lm_head``, [..., D] -> logits [..., V]
+    float32 (``apply``'s last step, and a decoder's after its own run of the blocks)."""
+    x_BxTxD = layer_norm(x_BxTxD, params["ln_f"], cfg.ln_eps)
+    return dense(x_BxTxD, params["lm_head"], jnp.dtype(cfg.dtype))
 
 
 def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bool = False,
@@ -339,7 +394,7 @@ def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bo
     """
     if (tokens is None) == (embeddings is None):
         raise ValueError("pass exactly one of tokens=[B, T] ints or embeddings=[B, T, D]")
-    _check_params(params, cfg)
+    check_params(params, cfg)
     if tokens is not None:
         x_BxTxD = embed(params, cfg, tokens)
     else:
@@ -349,22 +404,17 @@ def apply(params, cfg: ModelConfig, tokens=None, *, embeddings=None, capture: bo
         if x_BxTxD.shape[1] > cfg.seq_len:
             raise ValueError(f"sequence length {x_BxTxD.shape[1]} > cfg.seq_len={cfg.seq_len}")
     T = x_BxTxD.shape[1]
-    if cfg.pos == "learned":
-        table = params["wpe"]["embedding"]
-    else:
-        table = jnp.asarray(sinusoidal_positions(cfg.seq_len if positions is not None else T, cfg.d_model))
-    pos_TxD = table[:T] if positions is None else jnp.take(table, positions, axis=0)
+    pos_TxD = position_encoding(params, cfg, T if positions is None else positions)
     x_BxTxD = x_BxTxD.astype(jnp.float32) + pos_TxD
     mask = None if segment_ids is None else attention_mask(T, segment_ids)
 
     dt = jnp.dtype(cfg.dtype)
     per_layer = []
     for i in range(cfg.n_layer):
-        x_BxTxD, acts = _block(x_BxTxD, params[f"h_{i}"], cfg, dt, mask=mask)
+        x_BxTxD, acts = block(x_BxTxD, params[f"h_{i}"], cfg, dt, mask=mask)
         if capture:
             per_layer.append(acts)
-    x_BxTxD = _layer_norm(x_BxTxD, params["ln_f"], cfg.ln_eps)
-    logits_BxTxV = _dense(x_BxTxD, params["lm_head"], dt)
+    logits_BxTxV = unembed(params, cfg, x_BxTxD)
     if not capture:
         return logits_BxTxV
     return logits_BxTxV, {n: jnp.stack([a[n] for a in per_layer]) for n in ACT_NAMES}

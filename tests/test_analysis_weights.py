@@ -192,7 +192,7 @@ def test_matrices_from_params_orientation():
         p = params["h_0"]["attn"][name.split("/")[1]]
         xin = np.random.default_rng(1).standard_normal((4, D)).astype(np.float32)
         np.testing.assert_allclose(mats[f"h_0/{name}"] @ xin.T + np.asarray(p["bias"])[:, None],
-                                   np.asarray(model._dense(xin, p, np.float32)).T, atol=1e-5)
+                                   np.asarray(model.dense(xin, p, np.float32)).T, atol=1e-5)
 
 
 def test_weight_analysis_planted_delta():

@@ -142,8 +142,8 @@ def test_prefill_and_decode_steps_match_the_full_forward_pass(block, pos):
         prefilled = kv_cache.prefill(params, cfg, model_lib.embed(params, cfg, garbage))
         logits, acts = model_lib.apply(params, cfg, garbage, capture=True)
         p0 = params["h_0"]
-        _, k0, v0 = model_lib._heads(model_lib._layer_norm(acts["block_in"][0], p0["ln_1"], cfg.ln_eps), p0["attn"],
-                                     cfg, jnp.float32)
+        attn_in = model_lib.layer_norm(acts["block_in"][0], p0["ln_1"], cfg.ln_eps)
+        _, k0, v0 = model_lib.qkv_heads(attn_in, p0["attn"], cfg, jnp.float32)
         return prefilled, (logits, k0, v0), model_lib.apply(params, cfg, tokens)
 
     (logits, cache), (want_logits, k0, v0), want = run(params, garbage, tokens)

@@ -247,3 +247,33 @@ def test_forward_and_gradients_equal_plain_implementation(block, pos):
         g_ref = functools.reduce(lambda t, k: t[k.key], path, ref)
         scale = float(jnp.abs(g_ref).max()) + 1e-12
         np.testing.assert_allclose(g / scale, g_ref / scale, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_attend_equals_numpy_softmax_attention():
+    """model.attend (normalised after the PV product, additive mask bias, float32) against a plain
+    float64 numpy softmax attention: with attention_mask's causal mask, and with a decoder's per-row
+    [B, 1, 1, S] visibility of one query over S keys."""
+    B, H, T, K = 2, 3, 7, 8
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((B, H, T, K)).astype(np.float32) for _ in range(3))
+    q *= 1.5  # spread the scores: a mask or normalisation error shows far above float32 rounding
+
+    def reference(q, mask):
+        s = np.einsum("bhtk,bhsk->bhts", q.astype(np.float64), k.astype(np.float64))
+        s = np.where(np.broadcast_to(mask, s.shape), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return np.einsum("bhts,bhsk->bhtk", p / p.sum(-1, keepdims=True), v.astype(np.float64))
+
+    def attend(q, mask):
+        return np.asarray(model.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                                       jnp.float32))
+
+    causal = np.tril(np.ones((T, T), bool))
+    np.testing.assert_array_equal(np.asarray(model.attention_mask(T)), causal)
+    got = attend(q, model.attention_mask(T))
+    assert got.shape == (B, H, T, K) and got.dtype == np.float32
+    np.testing.assert_allclose(got, reference(q, causal), rtol=1e-5, atol=1e-5)
+    assert np.abs(reference(q, np.ones((T, T), bool)) - reference(q, causal)).max() > 0.1  # the mask matters
+
+    visible = (np.arange(T) <= np.array([2, 6])[:, None])[:, None, None, :]  # row b sees keys s <= 2, 6
+    np.testing.assert_allclose(attend(q[:, :, :1], visible), reference(q[:, :, :1], visible), rtol=1e-5, atol=1e-5)
