@@ -1,47 +1,24 @@
 """Pretrain (instruction-tune) the model of SPEC §5.
 
-    python -m launch.pretrain --config configs/pretrain.py:tiny --workdir runs/pretrain_tiny \\
-        [--config.opt.lr=3e-3 ...] [--distributed]
+    python -m launch.pretrain --config configs/pretrain.py:tiny --workdir runs/pretrain_tiny
 
-Writes ``<workdir>/config.json``, ``metrics.jsonl`` and ``checkpoints/``; rerunning with the same
-workdir resumes from the latest checkpoint (the config must match, except logging, evaluation and
-checkpoint cadence). Bad input is a one-line error and a non-zero exit, with nothing overwritten.
-The logic is :func:`run`, importable from a notebook.
+Writes ``<workdir>/config.json``, ``metrics.jsonl`` and ``checkpoints/``; the same command again
+resumes from the latest checkpoint. ``safety_mech.study.pretrain`` does the work.
 """
-from __future__ import annotations
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax
-from absl import app, logging
+from safety_mech import cli, study
 
-from configs import pretrain as pretrain_config
-from launch import common
-from safety_mech import data as data_lib
-from safety_mech import losses
-from safety_mech import model as model_lib
-
-
-def run(cfg, workdir: str, *, distributed: bool = False) -> dict:
-    """Validate ``cfg``, then train (or resume) in ``workdir``; returns the final metrics record."""
-    setup = pretrain_config.validate(cfg)
-    config_dict = cfg.to_dict()
-    resume = common.check_workdir(workdir, config_dict)
-    mesh = common.make_run_mesh(setup.train.batch_size, distributed)
-
-    def init_params(key):
-        return model_lib.init_params(key, setup.model)
-
-    n_params = model_lib.count_params(jax.eval_shape(init_params, jax.random.key(0)), exclude_head=False)
-    logging.info("pretraining model %s: %d parameters", setup.model, n_params)
-    return common.train_job(
-        setup, workdir, config_dict, resume, init_params, losses.lm_loss,
-        lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, setup.train.batch_size, step),
-        mesh=mesh, tokens_per_example=setup.data.T)
+CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:tiny", lock_config=True)
+WORKDIR = flags.DEFINE_string("workdir", None, "run directory, e.g. runs/<name>")
+DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 
 
 def main(argv):
-    common.launch(argv, ("config", "workdir"),
-                  lambda: run(common.CONFIG.value, common.WORKDIR.value, distributed=common.DISTRIBUTED.value))
+    cli.main(argv, ("config", "workdir"),
+             lambda: study.pretrain(CONFIG.value, WORKDIR.value, distributed=DISTRIBUTED.value))
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=common.parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -8,7 +8,7 @@ so the prompt grows by k and every target (true, refusal, harmful) moves k posit
 (:func:`insert_soft_slots`). The soft tokens start small (norm ``init_scale``·ε in a random
 direction) and take ``steps`` steps of projected normalised-gradient descent on the teacher-forced
 cross-entropy of the harmful output (the mean over the tokens of its governed segment, the part
-that ``evaluate`` scores):
+that ``metrics`` scores):
 
     s_j <- Proj_ε( s_j − α · g_j / ||g_j|| ),   g_j = ∂ CE / ∂ s_j,   α = step_size · ε,
 
@@ -17,7 +17,7 @@ onto the ball ||s_j|| <= ε, with ε = budget × the mean L2 norm of the rows of
 table (all V rows). With the defaults (50 steps of 0.1·ε) a soft token can cross its ball 2.5
 times. The attack keeps, per example, the iterate with the lowest loss among those it evaluated
 (s_0..s_{steps−1}), then decodes greedily from it (the generated tokens are embedded with the token
-table) and scores Null / strict / lenient success as ``evaluate.generation_metrics``. REF
+table) and scores Null / strict / lenient success as ``metrics.generation_metrics``. REF
 normalised and clipped the wrong positions and clamped coordinates instead of projecting: bugs.
 
 Sequence length: the attacked arrays are ``T + k`` long. Sinusoidal positions extend to any length
@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safety_mech import evaluate as eval_lib
+from safety_mech import batching, decoding
+from safety_mech import metrics as metrics_lib
 from safety_mech import grammar as gr
 from safety_mech import model as model_lib
 
@@ -103,7 +104,7 @@ def attack_coverage(ev: dict, k: int, length: int):
     T = ev["prompt"].shape[-1]
     pos = np.arange(T)
     usable, truncated = True, False
-    for t in eval_lib.TARGETS:
+    for t in metrics_lib.TARGETS:
         gov = np.asarray(ev[f"gov_mask_{t}"])
         first = np.min(np.where(gov, pos, T), axis=-1)
         last = np.max(np.where(gov, pos, -1), axis=-1)
@@ -113,7 +114,7 @@ def attack_coverage(ev: dict, k: int, length: int):
 
 
 def insert_soft_slots(ev: dict, k: int, length: int) -> dict:
-    """``ev`` (the :data:`evaluate.EVAL_KEYS` of a set) with k slots inserted before EOT, arrays
+    """``ev`` (the :data:`metrics.EVAL_KEYS` of a set) with k slots inserted before EOT, arrays
     ``length`` long: ``prompt`` (PAD in the slots), ``prompt_len`` + k, ``tokens_*`` and
     ``gov_mask_*`` shifted right by k after the text, and ``soft_mask`` / ``soft_slot`` (the slot
     index 0..k-1 of each position, clipped). Traceable."""
@@ -131,7 +132,7 @@ def insert_soft_slots(ev: dict, k: int, length: int) -> dict:
 
     out = {"prompt": shift(ev["prompt"], gr.PAD), "prompt_len": ev["prompt_len"] + k,
            "soft_mask": soft_BxT, "soft_slot": jnp.clip(j - eot, 0, k - 1)}
-    for t in eval_lib.TARGETS:
+    for t in metrics_lib.TARGETS:
         out[f"tokens_{t}"] = shift(ev[f"tokens_{t}"], gr.PAD)
         out[f"gov_mask_{t}"] = shift(ev[f"gov_mask_{t}"], False)
     return out
@@ -140,7 +141,7 @@ def insert_soft_slots(ev: dict, k: int, length: int) -> dict:
 def soft_embeddings(params, model_cfg, att: dict, soft_BxKxD, tokens_BxT):
     """Input embeddings of the attacked sequence ``tokens_BxT``: soft token j at slot j."""
     soft_BxTxD = jnp.take_along_axis(soft_BxKxD, att["soft_slot"][..., None], axis=1)
-    return eval_lib.embed_with_soft(params, model_cfg, tokens_BxT, att["soft_mask"], soft_BxTxD)
+    return decoding.embed_with_soft(params, model_cfg, tokens_BxT, att["soft_mask"], soft_BxTxD)
 
 
 def harmful_loss(params, model_cfg, att: dict, soft_BxKxD):
@@ -196,24 +197,24 @@ def _attacked(params, model_cfg, ev, key, budget, cfg):
 
 
 def attack_examples(params, model_cfg: model_lib.ModelConfig, ev: dict, key, budget, cfg: AttackConfig) -> dict:
-    """Attack every example of ``ev`` (:data:`evaluate.EVAL_KEYS` arrays [B, T] of an unsafe set,
+    """Attack every example of ``ev`` (:data:`metrics.EVAL_KEYS` arrays [B, T] of an unsafe set,
     plus ``index`` [B]: each example's initial soft tokens come from ``fold_in(key, index)``, so
     results do not depend on chunking) and score the greedy responses; see the module docstring for
     the outputs. ``budget`` may be traced (it overrides ``cfg.budget``: a budget sweep compiles
     once). Traceable."""
     model_cfg, att, best, loss_before_B, loss_after_B = _attacked(params, model_cfg, ev, key, budget, cfg)
     soft_BxTxD = jnp.take_along_axis(best, att["soft_slot"][..., None], axis=1)
-    max_new_B = eval_lib.last_governed(att) + 1 - att["prompt_len"]
-    decoded = eval_lib.greedy_decode(params, model_cfg, att["prompt"], att["prompt_len"], max_new_B,
+    max_new_B = metrics_lib.last_governed(att) + 1 - att["prompt_len"]
+    decoded = decoding.greedy_decode(params, model_cfg, att["prompt"], att["prompt_len"], max_new_B,
                                      soft_mask_BxT=att["soft_mask"], soft_BxTxD=soft_BxTxD)
-    return {**eval_lib.generation_metrics(decoded, att), "loss_before": loss_before_B, "loss_after": loss_after_B,
+    return {**metrics_lib.generation_metrics(decoded, att), "loss_before": loss_before_B, "loss_after": loss_after_B,
             "soft": best}
 
 
 def adversarial_inputs(params, model_cfg: model_lib.ModelConfig, batch: dict, key, cfg: AttackConfig = AttackConfig(),
                        chunk: int = 500) -> dict:
-    """The ``adversarial`` set as model inputs, for the analyses (``launch.analyze``): every example
-    of ``batch`` (an unsafe set, :data:`evaluate.EVAL_KEYS`; one model's params) attacked as in
+    """The ``adversarial`` set as model inputs, for the analyses (``analysis/suite.py``): every example
+    of ``batch`` (an unsafe set, :data:`metrics.EVAL_KEYS`; one model's params) attacked as in
     :func:`attack_examples`, returned as ``{"embeddings": [N, T', D], "prompt_len": [N]}``: the
     input embeddings of the whole teacher-forced sequence (the true output, shifted by k) with the
     soft tokens in their slots, and the attacked prompt length (EOT at ``prompt_len - 1``). No
@@ -223,10 +224,11 @@ def adversarial_inputs(params, model_cfg: model_lib.ModelConfig, batch: dict, ke
         wide_cfg, att, best, _, _ = _attacked(p, model_cfg, ev, key, cfg.budget, cfg)
         return _attacked_inputs(p, wide_cfg, att, best)
 
-    ev = {k: np.asarray(batch[k]) for k in eval_lib.EVAL_KEYS}
+    ev = {k: np.asarray(batch[k]) for k in metrics_lib.EVAL_KEYS}
     n = len(ev["prompt"])
     ev["index"] = np.arange(n, dtype=np.int32)
-    return eval_lib.map_chunks(eval_lib.make_chunk_fn(fn), params, ev, n, min(chunk, n), key)
+    jitted = jax.jit(fn)
+    return batching.map_chunks(lambda part: jitted(params, part, key), ev, n, chunk)
 
 
 def _attacked_inputs(params, wide_cfg, att, soft_BxKxD):
@@ -236,9 +238,9 @@ def _attacked_inputs(params, wide_cfg, att, soft_BxKxD):
 
 def adversarial_from_soft(params, model_cfg: model_lib.ModelConfig, batch: dict, soft_NxKxD, chunk: int = 500) -> dict:
     """:func:`adversarial_inputs`' output for soft tokens found earlier (``attack_examples``'
-    ``soft``, e.g. saved by ``launch.evaluate``) on the examples of ``batch``: no optimisation, so
+    ``soft``, e.g. saved by ``evaluation.py``) on the examples of ``batch``: no optimisation, so
     the analyses can study exactly the inputs the evaluation attacked. k is ``soft_NxKxD.shape[1]``."""
-    ev = {k: np.asarray(batch[k]) for k in eval_lib.EVAL_KEYS}
+    ev = {k: np.asarray(batch[k]) for k in metrics_lib.EVAL_KEYS}
     soft_NxKxD = np.asarray(soft_NxKxD, np.float32)
     n, k = len(ev["prompt"]), soft_NxKxD.shape[1]
     if soft_NxKxD.shape[0] != n or soft_NxKxD.shape[2] != model_cfg.d_model:
@@ -247,29 +249,29 @@ def adversarial_from_soft(params, model_cfg: model_lib.ModelConfig, batch: dict,
     wide_cfg = attack_model_cfg(model_cfg, length)
 
     def fn(p, part):
-        ev_part = {key: part[key] for key in eval_lib.EVAL_KEYS}
+        ev_part = {key: part[key] for key in metrics_lib.EVAL_KEYS}
         return _attacked_inputs(p, wide_cfg, insert_soft_slots(ev_part, k, length), part["soft"])
 
     ev["soft"] = soft_NxKxD
-    return eval_lib.map_chunks(eval_lib.make_chunk_fn(fn), params, ev, n, min(chunk, n))
+    jitted = jax.jit(fn)
+    return batching.map_chunks(lambda part: jitted(params, part), ev, n, chunk)
 
 
-def make_attack_eval(model_cfg: model_lib.ModelConfig, cfg: AttackConfig = AttackConfig(), *, n_replicas: int = 1,
-                     mesh=None, chunk: int = 500) -> Callable:
+def make_attack_eval(model_cfg: model_lib.ModelConfig, cfg: AttackConfig = AttackConfig(), *, mesh=None,
+                     chunk: int = 500) -> Callable:
     """``attack_eval(params, ev, n, key, budget=cfg.budget) -> (per_example, counts)``: the attack
     on the usable examples among the first ``n`` of ``ev`` (host arrays with
-    :data:`evaluate.EVAL_KEYS`; see :func:`attack_coverage`), in chunks, vmapped over stacked
-    replica params (outputs [R, counts["n"], ...] when ``n_replicas > 1``); ``counts``: ``n``
+    :data:`metrics.EVAL_KEYS`; see :func:`attack_coverage`), in chunks, over replica-stacked
+    params (outputs [R, counts["n"], ...]); ``counts``: ``n``
     (examples used) and ``n_truncated`` (of those, examples with a cut target). One compiled
     program per (k, steps, shapes); the budget is traced. ``ValueError`` when no example is usable."""
-    fn = eval_lib.make_chunk_fn(lambda p, ev, key, budget: attack_examples(p, model_cfg, ev, key, budget, cfg),
-                                n_replicas=n_replicas, mesh=mesh)
+    fn = metrics_lib.make_chunk_fn(lambda p, ev, key, budget: attack_examples(p, model_cfg, ev, key, budget, cfg),
+                                   mesh=mesh)
 
     def attack_eval(params, ev: dict, n: int, key, budget: float | None = None):
         ev, counts = usable_examples(model_cfg, ev, n, cfg.k)
         budget = jnp.float32(cfg.budget if budget is None else budget)
-        out = eval_lib.map_chunks(fn, params, ev, counts["n"], min(chunk, counts["n"]), key, budget,
-                                  example_axis=int(n_replicas > 1))
+        out = batching.map_chunks(lambda part: fn(params, part, key, budget), ev, counts["n"], chunk, out_axis=1)
         return out, counts
 
     return attack_eval
@@ -277,9 +279,9 @@ def make_attack_eval(model_cfg: model_lib.ModelConfig, cfg: AttackConfig = Attac
 
 def usable_examples(model_cfg: model_lib.ModelConfig, ev: dict, n: int, k: int) -> tuple[dict, dict]:
     """The examples among the first ``n`` of ``ev`` that the attack with ``k`` soft tokens can use
-    (host arrays with :data:`evaluate.EVAL_KEYS` plus ``index``, their positions in ``ev``) and
+    (host arrays with :data:`metrics.EVAL_KEYS` plus ``index``, their positions in ``ev``) and
     ``counts`` (``n`` used, ``n_truncated``); ``ValueError`` when there is none."""
-    ev = {key: np.asarray(ev[key])[:n] for key in eval_lib.EVAL_KEYS}
+    ev = {key: np.asarray(ev[key])[:n] for key in metrics_lib.EVAL_KEYS}
     usable, truncated = attack_coverage(ev, k, attack_length(model_cfg, ev["prompt"].shape[-1], k))
     if not usable.any():
         raise ValueError(f"no example keeps its targets with k={k} soft tokens: the model's learned "
@@ -297,13 +299,13 @@ def n_usable(model_cfg: model_lib.ModelConfig, ev: dict, n: int, k: int) -> int:
 
 def success_vs_budget(attack_eval: Callable, params, ev: dict, n: int, key, budgets=BUDGETS,
                       report: Callable | None = None) -> dict:
-    """``{budget: (summary, counts)}``: ``evaluate.summarize`` of :func:`make_attack_eval`'s
+    """``{budget: (summary, counts)}``: ``metrics.summarize`` of :func:`make_attack_eval`'s
     results at every budget multiplier (one compilation for all); ``report(budget, summary,
     counts)`` is called after each."""
     out = {}
     for b in budgets:
         per_example, counts = attack_eval(params, ev, n, key, b)
-        out[b] = (eval_lib.summarize(per_example), counts)
+        out[b] = (metrics_lib.summarize(per_example), counts)
         if report:
             report(b, *out[b])
     return out
@@ -320,7 +322,7 @@ def success_vs_k(model_cfg: model_lib.ModelConfig, params, ev: dict, n: int, key
             continue
         attack_eval = make_attack_eval(model_cfg, dataclasses.replace(cfg, k=k), **make_kwargs)
         per_example, counts = attack_eval(params, ev, n, key)
-        out[k] = (eval_lib.summarize(per_example), counts)
+        out[k] = (metrics_lib.summarize(per_example), counts)
         if report:
             report(k, *out[k])
     return out

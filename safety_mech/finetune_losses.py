@@ -1,8 +1,8 @@
-"""Safety fine-tuning losses of SPEC §8 and cross-method ΔW arithmetic.
+"""Safety fine-tuning losses of SPEC §8.
 
 Every loss has the signature of :func:`losses.lm_loss`, ``loss_fn(params, ref_params, batch, cfg) ->
 (loss, aux)``: a per-example loss, then the mean over the batch. ``batch`` is a fine-tuning batch of
-``data.sample_finetune_batch`` (``tokens_desired``, ``mask_desired``, ``tokens_undesired``,
+``safety_data.sample_finetune_batch`` (``tokens_desired``, ``mask_desired``, ``tokens_undesired``,
 ``mask_undesired`` [B, T], the masks marking the response tokens; optionally ``unsafe`` [B]); ``cfg``
 is a :class:`MethodConfig` whose ``model`` is set.
 
@@ -148,34 +148,3 @@ def unlearn_loss(params, ref_params: Any, batch: dict, cfg: MethodConfig):
 
 
 LOSSES = {"ssft": ssft_loss, "dpo": dpo_loss, "unlearn": unlearn_loss}
-
-
-# ----------------------------------------------------------------------------------------------
-# ΔW arithmetic (SPEC §8 cross-method, §10.6 interventions)
-# ----------------------------------------------------------------------------------------------
-
-
-def delta_arithmetic(base, *finetuned, alphas=None):
-    """θ_IT + Σ_i α_i (θ_i − θ_IT) on plain param pytrees (default α_i = 1: θ_IT + ΔW_A + ΔW_B + ...).
-
-    ``base`` is θ_IT, each of ``finetuned`` a model fine-tuned from it (same tree, same shapes: select
-    one replica of a replica-stacked run first). Leaves keep ``base``'s dtype; numpy in, numpy out.
-    """
-    if not finetuned:
-        raise ValueError("delta_arithmetic needs at least one fine-tuned model")
-    alphas = (1.0,) * len(finetuned) if alphas is None else tuple(float(a) for a in alphas)
-    if len(alphas) != len(finetuned):
-        raise ValueError(f"{len(alphas)} alphas for {len(finetuned)} fine-tuned models")
-    structure = jax.tree.structure(base)
-    for i, tree in enumerate(finetuned):
-        if jax.tree.structure(tree) != structure:
-            raise ValueError(f"fine-tuned model {i} has a different tree structure than the base")
-
-    def combine(path, b, *fs):
-        for i, f in enumerate(fs):
-            if f.shape != b.shape:  # would broadcast silently (e.g. a replica-stacked run)
-                raise ValueError(f"fine-tuned model {i}: {jax.tree_util.keystr(path)} has shape {f.shape}, "
-                                 f"base {b.shape}")
-        return (b + sum(a * (f - b) for a, f in zip(alphas, fs))).astype(b.dtype)
-
-    return jax.tree_util.tree_map_with_path(combine, base, *finetuned)

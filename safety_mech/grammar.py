@@ -326,3 +326,29 @@ def _string_length_range(start: str, rules: dict) -> tuple[int, int]:
         return lo, hi
 
     return rng(start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding to readable tokens
+# ----------------------------------------------------------------------------------------------
+
+
+def decode(tokens, strip_pad: bool = True) -> list:
+    """Token ids (any shape; the last axis is a sequence) -> token strings, PAD dropped by default."""
+    arr = np.asarray(tokens)
+    if arr.ndim > 1:
+        return [decode(row, strip_pad) for row in arr]
+    return [VOCAB[int(t)] for t in arr if not (strip_pad and int(t) == PAD)]
+
+
+def letters_to_tokens(letters, length) -> list:
+    """Letter indices (0..29) of the first `length` positions -> token strings."""
+    return [LETTERS[int(x)] for x in np.asarray(letters)[: int(length)]]
+
+
+def response_of(tokens, prompt_len) -> list:
+    """The response of a full sequence as token strings: from after EOT up to and including the
+    last STOP (EOS and PAD dropped)."""
+    resp = [int(t) for t in np.asarray(tokens)[int(prompt_len):]]
+    last = max((i for i, t in enumerate(resp) if t == STOP), default=-1)
+    return [VOCAB[t] for t in resp[: last + 1]]

@@ -25,6 +25,7 @@ import optax
 
 from safety_mech import grammar as gr
 from safety_mech import losses
+from safety_mech import replicas
 from safety_mech import sharding as sharding_lib
 from safety_mech import train as train_lib
 
@@ -102,7 +103,7 @@ def pack(batch: dict, row_B, offset_B, n_rows: int, normalize: str) -> dict:
 
 
 def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: Callable,
-                           loss_cfg: losses.LossConfig, *, n_replicas: int = 1, mesh=None,
+                           loss_cfg: losses.LossConfig, *, mesh=None,
                            lr_fn: Callable | None = None, row_multiple: int = ROW_MULTIPLE):
     """A pretraining step with the interface of ``train.make_train_step(losses.lm_loss, ...)``,
     ``step(state, ref_params=None) -> (state, metrics)``, that packs each batch.
@@ -120,7 +121,7 @@ def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: C
         batch = sample_fn(train_lib.step_key(state), state.step)
         return batch, needed_lengths(batch["loss_mask"])
 
-    sample = jax.jit(sample_one if n_replicas == 1 else jax.vmap(sample_one))
+    sample = jax.jit(replicas.over_replicas(sample_one))
 
     def one_step(state, batch, row_B, offset_B, n_rows):
         packed = sharding_lib.constrain_batch(pack(batch, row_B, offset_B, n_rows, loss_cfg.normalize), mesh)
@@ -129,9 +130,7 @@ def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: C
         return new_state, {**metrics, "train/packed_rows": jnp.float32(n_rows)}
 
     def build(n_rows):
-        fn = lambda s, b, r, o: one_step(s, b, r, o, n_rows)  # noqa: E731
-        if n_replicas > 1:
-            fn = jax.vmap(fn)
+        fn = replicas.over_replicas(lambda s, b, r, o: one_step(s, b, r, o, n_rows))
         kwargs = {"out_shardings": sharding_lib.replicated(mesh)} if mesh is not None else {}
         return jax.jit(fn, donate_argnums=(0,), **kwargs)
 
@@ -146,8 +145,6 @@ def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: C
         plans = [plan_rows(lengths_B, T - 1) for lengths_B in lengths]
         n_rows = bucket(max(p[2] for p in plans), B, row_multiple)
         row, offset = (np.stack([p[i] for p in plans]) for i in (0, 1))
-        if n_replicas == 1:
-            row, offset = row[0], offset[0]
         if n_rows not in compiled:
             compiled[n_rows] = build(n_rows)
         return compiled[n_rows](state, batch, jnp.asarray(row), jnp.asarray(offset))

@@ -1,27 +1,21 @@
-"""Training: optimizer (SPEC §5), the jitted step, replicas, and the loop shared by pretraining and
-fine-tuning.
+"""Training: the state, the jitted step and the loop shared by pretraining and fine-tuning.
 
-* :func:`make_optimizer` — AdamW as PyTorch computes it (decoupled decay scaled by the learning rate),
-  β = (0.9, 0.95), weight decay on dense kernels only, global-norm clipping *before* Adam, and the
-  learning rate of :func:`lr_schedule`. The peak learning rate lives in the optimizer state
-  (``optax.inject_hyperparams``), so replicas trained in one vmapped call can each have their own.
-* :func:`make_train_step` — one jitted, donated step ``(state, ref_params=None) -> (state, metrics)``.
-  The step samples its own batch from ``fold_in(state.rng, state.step)`` inside the jit (DESIGN.md
-  performance notes), so resuming from a checkpoint replays exactly the same data.
-* Replicas: with ``n_replicas > 1`` every leaf of the state has a leading replica axis and the step is
-  ``jax.vmap``-ed over it: R models (different seeds and/or learning rates) in one compiled call. With
-  ``n_replicas == 1`` there is no replica axis.
+* :func:`init_replicas` — the state of every replica (``replicas.py``: learning rates × seeds),
+  stacked on a leading axis [R]; replica r starts from ``replicas.data_key(lrs, seeds, r)``.
+* :func:`make_train_step` — one jitted, donated step ``(state, ref_params=None) -> (state, metrics)``
+  over the replica axis. The step samples its own batch from ``fold_in(state.rng, state.step)``
+  inside the jit (no host pipeline), so resuming from a checkpoint replays exactly the same data.
 * :func:`train` — the loop: metrics pulled to the host one step late, JSON lines in
-  ``<workdir>/metrics.jsonl``, a progress line, periodic evaluation and checkpoints, a final evaluation
-  merged into the last metrics line; a non-finite loss stops the run naming the step.
+  ``<workdir>/metrics.jsonl``, a progress line with the ETA, periodic evaluation and checkpoints, a
+  final evaluation merged into the last metrics line; a non-finite loss stops the run naming the
+  step.
 
-Step numbers: "step n" is the n-th optimizer update (1-based); ``state.step`` counts the updates done.
+The optimizer is ``optim.py``'s. Step numbers: "step n" is the n-th optimizer update (1-based);
+``state.step`` counts the updates done.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -32,79 +26,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from safety_mech import replicas
 from safety_mech import sharding as sharding_lib
-
-
-# ----------------------------------------------------------------------------------------------
-# Config plumbing
-# ----------------------------------------------------------------------------------------------
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message is one line naming the offending key."""
-
-
-def dataclass_from_config(cls, values, group: str):
-    """Build the frozen dataclass ``cls`` from a mapping (``ConfigDict`` or dict) of config group
-    ``group``; unknown keys and values the dataclass rejects become a one-line :class:`ConfigError`."""
-    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) config.{group}.{{{', '.join(unknown)}}}; "
-                          f"valid keys: {', '.join(sorted(fields))}")
-    for name, value in values.items():
-        if isinstance(value, list):  # ml_collections / JSON give lists; frozen dataclasses want tuples
-            values[name] = tuple(value)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.{group}: {' '.join(str(e).split())}") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class OptConfig:
-    """AdamW and learning-rate schedule (defaults: the paper's pretraining, SPEC §5)."""
-
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-5  # reached at decay_end_step, constant after
-    warmup_steps: int = 20_000  # linear warmup
-    decay_end_step: int = 80_000  # end of the cosine decay
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 1e-4  # dense kernels only
-    clip_norm: float = 1.0  # global-norm clip; 0 disables
-    replica_lrs: tuple = ()  # one peak lr per replica; () = every replica uses lr
-
-    def __post_init__(self):
-        def fail(msg):
-            raise ValueError(msg)
-
-        if not self.lr > 0:
-            fail(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            fail(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if not 0 <= self.warmup_steps <= self.decay_end_step:
-            fail(f"need 0 <= warmup_steps <= decay_end_step, got {self.warmup_steps} and {self.decay_end_step}")
-        for name in ("b1", "b2"):
-            if not 0 <= getattr(self, name) < 1:
-                fail(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.eps > 0:
-            fail(f"eps must be > 0, got {self.eps}")
-        if self.weight_decay < 0 or self.clip_norm < 0:
-            fail(f"weight_decay and clip_norm must be >= 0, got {self.weight_decay} and {self.clip_norm}")
-        object.__setattr__(self, "replica_lrs", tuple(float(x) for x in self.replica_lrs))
-        if any(not x > 0 for x in self.replica_lrs):
-            fail(f"replica_lrs must all be > 0, got {self.replica_lrs}")
-
-    def peak_lrs(self, n_replicas: int) -> tuple:
-        """The peak learning rate of each replica."""
-        if not self.replica_lrs:
-            return (self.lr,) * n_replicas
-        if len(self.replica_lrs) != n_replicas:
-            raise ValueError(f"replica_lrs has {len(self.replica_lrs)} values for n_replicas={n_replicas}")
-        return self.replica_lrs
+from safety_mech.files import MetricsLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +37,7 @@ class TrainConfig:
 
     steps: int = 100_000
     batch_size: int = 512
-    seed: int = 0
-    n_replicas: int = 1
-    normalize: str = "tokens"  # completion-loss normalisation, see losses.py
+    seeds: tuple = (0,)  # one replica per seed and learning rate (replicas.grid)
     log_every: int = 100
     eval_every: int = 5_000  # 0: only the final evaluation
     ckpt_every: int = 5_000  # 0: only the final checkpoint
@@ -123,65 +45,16 @@ class TrainConfig:
     pack: bool = False  # pretraining only: pack short examples into shared rows (packing.py)
 
     def __post_init__(self):
-        from safety_mech.losses import NORMALIZATIONS  # losses imports the model; keep it lazy
-
-        for name in ("steps", "batch_size", "n_replicas", "log_every", "keep_checkpoints"):
+        seeds = self.seeds if isinstance(self.seeds, (tuple, list)) else (self.seeds,)
+        object.__setattr__(self, "seeds", tuple(int(s) for s in seeds))
+        if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be one or more distinct integers >= 0, got {self.seeds}")
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "ckpt_every", "seed"):
+        for name in ("eval_every", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize={self.normalize!r}; use one of {NORMALIZATIONS}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer
-# ----------------------------------------------------------------------------------------------
-
-
-def lr_schedule(count, peak_lr, opt_cfg: OptConfig):
-    """Learning rate of update number ``count`` (0-based; may be traced), SPEC §5: linear warmup
-    ``peak·(count+1)/warmup`` (so the first update is not wasted at lr 0), then cosine from peak to
-    ``min_lr`` at ``decay_end_step``, then constant ``min_lr`` (capped at the peak, for replicas whose
-    peak is below min_lr)."""
-    s = jnp.asarray(count, jnp.float32)
-    peak = jnp.asarray(peak_lr, jnp.float32)
-    warmup, end = opt_cfg.warmup_steps, opt_cfg.decay_end_step
-    low = jnp.minimum(opt_cfg.min_lr, peak)
-    warm = peak * (s + 1.0) / max(warmup, 1)
-    progress = jnp.clip((s - warmup) / max(end - warmup, 1), 0.0, 1.0)
-    cosine = low + (peak - low) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-    return jnp.where(s < warmup, warm, cosine)
-
-
-def weight_decay_mask(params):
-    """True on dense kernels (leaves named ``kernel``: attention, MLP, output head); False on biases,
-    LayerNorm scales/biases, token and position embeddings (SPEC §5)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-
-
-def make_optimizer(opt_cfg: OptConfig) -> optax.GradientTransformation:
-    """AdamW of SPEC §5 with the peak learning rate as an injected hyperparameter ``peak_lr``.
-
-    Order: clip(raw gradients) -> Adam moments -> + wd·param (kernels) -> × −lr(count). This is
-    PyTorch's AdamW (decoupled decay multiplied by the learning rate) with REF's intended clip."""
-
-    def factory(peak_lr):
-        return optax.chain(
-            optax.clip_by_global_norm(opt_cfg.clip_norm) if opt_cfg.clip_norm > 0 else optax.identity(),
-            optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps),
-            optax.add_decayed_weights(opt_cfg.weight_decay, mask=weight_decay_mask),
-            optax.scale_by_learning_rate(lambda count: lr_schedule(count, peak_lr, opt_cfg)),
-        )
-
-    return optax.inject_hyperparams(factory)(peak_lr=opt_cfg.lr)
-
-
-def make_lr_fn(opt_cfg: OptConfig) -> Callable:
-    """``lr_fn(state)``: the learning rate the step at ``state`` uses (for the ``train/lr`` metric)."""
-    return lambda state: lr_schedule(state.step, state.opt_state.hyperparams["peak_lr"], opt_cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,18 +63,18 @@ def make_lr_fn(opt_cfg: OptConfig) -> Callable:
 
 
 class TrainState(NamedTuple):
-    """Everything a run needs to continue bit-identically. ``rng`` is raw key data (uint32), so the
-    state is a plain array pytree that orbax can save."""
+    """Everything a run needs to continue bit-identically, every leaf with a leading replica axis
+    [R]. ``rng`` is raw key data (uint32), so the state is a plain array pytree orbax can save."""
 
-    step: jax.Array  # int32 [] (or [R]): updates done
+    step: jax.Array  # int32 [R]: updates done
     params: Any
     opt_state: Any
-    rng: jax.Array  # uint32 key data: the data stream of this replica
+    rng: jax.Array  # uint32 key data [R, ...]: each replica's data stream
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, rng_key, peak_lr=None) -> TrainState:
-    """A fresh state around ``params``; ``rng_key`` (a typed key) drives the data stream, ``peak_lr``
-    (optional, may be traced) overrides the optimizer's injected peak learning rate."""
+    """A fresh single-replica state (no replica axis) around ``params``; ``rng_key`` (a typed key)
+    drives the data stream, ``peak_lr`` (may be traced) overrides the optimizer's peak lr."""
     opt_state = optimizer.init(params)
     if peak_lr is not None:
         hp = dict(opt_state.hyperparams)
@@ -211,12 +84,6 @@ def init_train_state(params, optimizer: optax.GradientTransformation, rng_key, p
                       rng=jax.random.key_data(rng_key))
 
 
-def replica_key(key, replica: int):
-    """Key of replica ``replica``; a single-replica run is replica 0, so replica r of a vmapped run
-    equals a separate run started from ``replica_key(key, r)``."""
-    return jax.random.fold_in(key, replica)
-
-
 def init_state_from_key(key, init_params_fn: Callable, optimizer, peak_lr=None) -> TrainState:
     """State of one replica: ``key`` splits into the init key (``init_params_fn(key) -> params``)
     and the data key."""
@@ -224,22 +91,13 @@ def init_state_from_key(key, init_params_fn: Callable, optimizer, peak_lr=None) 
     return init_train_state(init_params_fn(k_init), optimizer, k_data, peak_lr)
 
 
-def init_replicas(key, n_replicas: int, init_params_fn: Callable, optimizer, peak_lrs) -> TrainState:
-    """State of ``n_replicas`` replicas (stacked on a leading axis when n_replicas > 1), replica r
-    from ``replica_key(key, r)`` with peak learning rate ``peak_lrs[r]``."""
-    if len(peak_lrs) != n_replicas:
-        raise ValueError(f"{len(peak_lrs)} learning rates for {n_replicas} replicas")
-    init = lambda k, lr: init_state_from_key(k, init_params_fn, optimizer, lr)  # noqa: E731
-    lrs = jnp.asarray(peak_lrs, jnp.float32)
-    if n_replicas == 1:
-        return jax.jit(init)(replica_key(key, 0), lrs[0])
-    keys = jax.vmap(lambda r: replica_key(key, r))(jnp.arange(n_replicas))
-    return jax.jit(jax.vmap(init))(keys, lrs)
-
-
-def select_replica(tree, replica: int):
-    """One replica's slice of a stacked pytree (params, state, metrics)."""
-    return jax.tree.map(lambda x: x[replica], tree)
+def init_replicas(lrs, seeds, init_params_fn: Callable, optimizer) -> TrainState:
+    """The [R]-stacked state of every replica of ``replicas.grid(lrs, seeds)``: replica r from
+    ``replicas.data_key(lrs, seeds, r)`` with its own peak learning rate."""
+    init = jax.jit(lambda k, lr: init_state_from_key(k, init_params_fn, optimizer, lr))
+    states = [init(replicas.data_key(lrs, seeds, r), jnp.asarray(lr, jnp.float32))
+              for r, (lr, _) in enumerate(replicas.grid(lrs, seeds))]
+    return replicas.stack(states)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,17 +127,17 @@ def update_on_batch(state: TrainState, ref_params, batch, loss_fn: Callable, los
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, sample_fn: Callable,
-                    loss_cfg: Any, *, n_replicas: int = 1, mesh=None, lr_fn: Callable | None = None,
+                    loss_cfg: Any, *, mesh=None, lr_fn: Callable | None = None,
                     ref_in_axis: int | None = None, donate: bool = True):
     """One jitted training step ``step(state, ref_params=None) -> (state, metrics)``.
 
     ``sample_fn(key, step) -> batch`` is called inside the jit with ``fold_in(state.rng, state.step)``;
     ``loss_fn(params, ref_params, batch, loss_cfg) -> (loss, aux)``. With a ``mesh`` the sampled batch
-    is sharded over ``'data'`` and the state stays replicated. With ``n_replicas > 1`` the step is
-    vmapped over the state's leading axis; ``ref_params`` is shared (``ref_in_axis=None``) or per
-    replica (``0``). The input state is donated.
+    is sharded over ``'data'`` and the state stays replicated. The step maps over the state's replica
+    axis (``replicas.over_replicas``); ``ref_params`` is shared (``ref_in_axis=None``) or per replica
+    (``0``). The input state is donated.
 
-    Metrics (scalars, or [R] arrays with replicas): ``train/loss``, ``train/<aux>``,
+    Metrics ([R] arrays): ``train/loss``, ``train/<aux>``,
     ``train/grad_norm`` (before clipping), ``train/param_norm`` (after the update),
     ``train/update_norm``, and ``train/lr`` when ``lr_fn`` is given.
     """
@@ -288,7 +146,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         batch = sharding_lib.constrain_batch(sample_fn(step_key(state), state.step), mesh)
         return update_on_batch(state, ref_params, batch, loss_fn, loss_cfg, optimizer, lr_fn)
 
-    fn = one_step if n_replicas == 1 else jax.vmap(one_step, in_axes=(0, ref_in_axis))
+    fn = replicas.over_replicas(one_step, in_axes=(0, ref_in_axis))
     jit_kwargs = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
         jit_kwargs["out_shardings"] = sharding_lib.replicated(mesh)
@@ -317,48 +175,6 @@ def host_step(state: TrainState) -> int:
     return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
-def to_jsonable(value):
-    """Scalars -> float/int, arrays -> (nested) lists, so metrics dicts serialise as JSON."""
-    arr = np.asarray(value)
-    if arr.dtype == bool:
-        return arr.tolist()
-    if arr.ndim == 0:
-        return int(arr) if np.issubdtype(arr.dtype, np.integer) else float(arr)
-    return arr.tolist()
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to ``path`` (``None``, or not process 0 of a multi-host
-    run: write nothing)."""
-
-    def __init__(self, path: str | None):
-        self.path = path if jax.process_index() == 0 else None
-
-    def write(self, record: dict) -> None:
-        if self.path is None:
-            return
-        line = json.dumps({k: to_jsonable(v) for k, v in record.items()})
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (and earlier final records): on resume from a
-        checkpoint at ``step``, what the killed run wrote past it is replayed."""
-        if self.path is None or not os.path.exists(self.path):
-            return
-        keep = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the kill
-                    continue
-                if record.get("step", 0) <= step and not record.get("final"):
-                    keep.append(line)
-        with open(self.path, "w") as f:
-            f.writelines(keep)
-
-
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -368,6 +184,8 @@ def _fmt_duration(seconds: float) -> str:
 
 def _fmt(value, spec=".4f") -> str:
     arr = np.asarray(value, np.float64)
+    if arr.size == 1:
+        return format(float(arr.reshape(())), spec)
     if arr.ndim == 0:
         return format(float(arr), spec)
     return f"{format(arr.mean(), spec)} [{format(arr.min(), spec)}..{format(arr.max(), spec)}]"
@@ -390,7 +208,7 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
 
     Returns ``(state, final_record)``.
     """
-    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl") if workdir else None)
+    writer = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
     start = host_step(state)
     writer.truncate_after(start)
     final_eval_fn = final_eval_fn or eval_fn
@@ -402,7 +220,7 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
         host = jax.device_get(metrics)
         loss = np.asarray(host["train/loss"])
         if not np.all(np.isfinite(loss)):
-            bad = "" if loss.ndim == 0 else f" (replicas {np.flatnonzero(~np.isfinite(loss)).tolist()})"
+            bad = "" if loss.size == 1 else f" (replicas {np.flatnonzero(~np.isfinite(loss)).tolist()})"
             raise NonFiniteLossError(f"non-finite loss {loss.tolist()} at step {n}{bad}")
         last.clear()
         last.update(host)

@@ -19,24 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safety_mech import model
-
-
-def map_in_chunks(fn, arrays, batch_size: int, out_axis: int = 0) -> np.ndarray:
-    """``fn(*chunk)`` over the leading axis of ``arrays`` in chunks of ``batch_size``; the results are
-    concatenated on the host along ``out_axis`` (the example axis of fn's output).
-
-    The last chunk is padded (with copies of its row 0) to ``batch_size`` so a jitted ``fn``
-    compiles once; the padding rows are dropped from the result."""
-    n = arrays[0].shape[0]
-    pieces = []
-    for start in range(0, n, batch_size):
-        chunk = [np.asarray(a[start:start + batch_size]) for a in arrays]
-        m = chunk[0].shape[0]
-        if m < batch_size and n > batch_size:
-            chunk = [np.concatenate([c, np.repeat(c[:1], batch_size - m, axis=0)]) for c in chunk]
-        pieces.append(np.take(np.asarray(fn(*chunk)), np.arange(m), axis=out_axis))
-    return np.concatenate(pieces, axis=out_axis)
+from safety_mech import batching, model
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "site", "positions", "layers", "average", "embedded"))
@@ -73,7 +56,7 @@ def _collect(params, model_cfg, tokens, prompt_len, site, positions, layers, bat
                          f"the {tokens.shape[1]} positions of tokens; max prompt_len is {np.max(prompt_len)}")
     fn = functools.partial(window, params, model_cfg=model_cfg, site=site, positions=positions,
                            layers=None if layers is None else tuple(int(i) for i in layers), average=average)
-    return map_in_chunks(fn, (tokens[:, :T].astype(np.int32), prompt_len.astype(np.int32)), batch_size,
+    return batching.map_arrays(fn, (tokens[:, :T].astype(np.int32), prompt_len.astype(np.int32)), batch_size,
                          out_axis=1)
 
 
@@ -86,7 +69,7 @@ def collect_activations(params, model_cfg: model.ModelConfig, tokens, prompt_len
 
 
 def set_activations(params, model_cfg: model.ModelConfig, batch: dict, **kwargs) -> np.ndarray:
-    """``collect_activations`` for an evaluation-set batch (``data.sample_eval_set``): the true
+    """``collect_activations`` for an evaluation-set batch (``safety_data.sample_eval_set``): the true
     (task-following) output is teacher-forced for every set, as SPEC §10.4 says."""
     return collect_activations(params, model_cfg, batch["tokens_true"], batch["prompt_len"], **kwargs)
 

@@ -5,9 +5,8 @@
   ``extra_fn(params) -> {name: array}``, e.g. τ) evaluated at each α, stacked along α;
 * :func:`set_taus` / :func:`make_tau_fn` — τ per layer of several evaluation sets with the cluster
   means of the same params (SPEC §10.4), the ``extra_fn`` for τ along α;
-* ΔW arithmetic across methods (SPEC §8, θ_IT + ΔW_A + ΔW_B) is
-  :func:`safety_mech.finetune_losses.delta_arithmetic`, re-exported here; :func:`interpolate` is the
-  one-model case of it.
+* :func:`delta_arithmetic` — ΔW arithmetic across methods (SPEC §8, θ_IT + ΔW_A + ΔW_B);
+  :func:`interpolate` is the one-model case of it.
 
 The metrics are the caller's (Instruct, Null, attack success come from the evaluation code), so this
 module depends on no evaluation detail.
@@ -25,13 +24,36 @@ import jax
 import numpy as np
 
 from safety_mech.analysis import activations
-from safety_mech.finetune_losses import delta_arithmetic
-
-__all__ = ["delta_arithmetic", "interpolate", "is_mlp_path", "alpha_sweep", "set_taus", "make_tau_fn"]
 
 # The MLP of block i: h_{i}/mlp/{c_fc,c_proj}/{kernel,bias} (model.py's layout). ln_2 (prenorm's norm
 # before the MLP) is not part of it.
 _MLP_PATH = re.compile(r"h_\d+/mlp/")
+
+
+def delta_arithmetic(base, *finetuned, alphas=None):
+    """θ_IT + Σ_i α_i (θ_i − θ_IT) on plain param pytrees (default α_i = 1: θ_IT + ΔW_A + ΔW_B + ...).
+
+    ``base`` is θ_IT, each of ``finetuned`` a model fine-tuned from it (same tree, same shapes: select
+    one replica of a replica-stacked run first). Leaves keep ``base``'s dtype; numpy in, numpy out.
+    """
+    if not finetuned:
+        raise ValueError("delta_arithmetic needs at least one fine-tuned model")
+    alphas = (1.0,) * len(finetuned) if alphas is None else tuple(float(a) for a in alphas)
+    if len(alphas) != len(finetuned):
+        raise ValueError(f"{len(alphas)} alphas for {len(finetuned)} fine-tuned models")
+    structure = jax.tree.structure(base)
+    for i, tree in enumerate(finetuned):
+        if jax.tree.structure(tree) != structure:
+            raise ValueError(f"fine-tuned model {i} has a different tree structure than the base")
+
+    def combine(path, b, *fs):
+        for i, f in enumerate(fs):
+            if f.shape != b.shape:  # would broadcast silently (e.g. a replica-stacked run)
+                raise ValueError(f"fine-tuned model {i}: {jax.tree_util.keystr(path)} has shape {f.shape}, "
+                                 f"base {b.shape}")
+        return (b + sum(a * (f - b) for a, f in zip(alphas, fs))).astype(b.dtype)
+
+    return jax.tree_util.tree_map_with_path(combine, base, *finetuned)
 
 
 def _path_str(path) -> str:
@@ -110,7 +132,7 @@ def _stack(records: list, what: str) -> dict:
 def set_taus(params, model_cfg, heldout_safe: Mapping, heldout_unsafe: Mapping, sets: Mapping,
              extra_acts: Mapping[str, Callable] | None = None, **kwargs) -> dict:
     """SPEC §10.4 with the cluster means μ_S, μ_U of ``params`` itself: ``{name: τ [L, N]}`` for every
-    evaluation-set batch in ``sets`` (``data.sample_eval_set`` dicts; the true output is
+    evaluation-set batch in ``sets`` (``safety_data.sample_eval_set`` dicts; the true output is
     teacher-forced), μ from the held-out batches. ``extra_acts``: more inputs given as
     ``{name: fn(params) -> a [L, N, W]}`` (e.g. soft-token inputs, which are embeddings, not tokens).
     ``kwargs`` go to :func:`activations.set_activations` (site, positions, layers, batch_size)."""

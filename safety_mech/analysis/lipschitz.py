@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from safety_mech import model
-from safety_mech.analysis.activations import map_in_chunks
+from safety_mech import batching
 
 
 def max_logit_grad_norm(logits_fn, E_BxTxD, eot_B):
@@ -53,4 +53,4 @@ def lipschitz_scores(params, model_cfg: model.ModelConfig, prompts, prompt_len,
         raise ValueError(f"prompt_len must lie in [1, {prompts.shape[1]}] (EOT is at index prompt_len - 1)")
     T = int(prompt_len.max())
     fn = functools.partial(_scores, params, model_cfg=model_cfg)
-    return map_in_chunks(fn, (prompts[:, :T].astype(np.int32), prompt_len.astype(np.int32)), batch_size)
+    return batching.map_arrays(fn, (prompts[:, :T].astype(np.int32), prompt_len.astype(np.int32)), batch_size)

@@ -1,0 +1,40 @@
+"""Evaluation of a run (SPEC §9): every evaluation set and the soft-token attack, every replica.
+
+    python -m launch.evaluate --run runs/ssft_tiny                       # tiny (default)
+    python -m launch.evaluate --run runs/ssft_tiny --config configs/evaluate.py:paper
+    python -m launch.evaluate --run runs/ssft_tiny --config.attack=False --config.n=500
+
+Writes ``<run>/eval/{metrics.json, table.md, info.json, adversarial.npz}`` (``safety_mech/
+evaluation.py``). ``tiny``: 1000 examples per set, the attack on 128 unsafe examples (a few seconds
+per set and ~20 s for the attack on a 2-core CPU VM); ``paper``: the attack on 1000 with the budget
+and k sweeps; ``micro``: 16 examples, a 3-step attack on 8 (smoke test).
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+SIZES = ("tiny", "paper", "micro")
+EVAL_SETS = ("safe", "unsafe", "jb_co_task", "jb_co_text", "jb_misgen_text", "jb_misgen_tokens")
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in SIZES:
+        raise ValueError(f"unknown preset {arg!r}; use one of {SIZES}")
+    c = ml_collections.ConfigDict(dict(
+        sets=EVAL_SETS,  # evaluation sets (SPEC §9)
+        n=1000,  # examples per set
+        chunk=placeholder(int),  # examples per compiled call; unset: the run's eval.batch_size
+        attack=True,  # the soft-token attack (k = 2, budget 1) on the unsafe set
+        attack_n=128,  # unsafe examples attacked (50 forward+backward passes each)
+        attack_steps=50,
+        sweep_budget=False,  # attack success vs budget 0.25..4
+        sweep_k=False,  # attack success vs k = 1..8
+        name=placeholder(str),  # model-name prefix; unset: the run's method ("pretrain" for pretraining)
+        ckpt_step=placeholder(int),  # unset: the latest checkpoint
+    ))
+    if arg == "paper":
+        c.update(attack_n=1000, sweep_budget=True, sweep_k=True)
+    if arg == "micro":
+        c.update(n=16, attack_n=8, attack_steps=3)
+    return c

@@ -1,0 +1,121 @@
+"""The files of a run directory: JSON lines of metrics, atomic writes, JSON sanitising.
+
+Every file a later stage reads is written atomically (to a temporary name in the same directory,
+then ``os.replace``), so a killed process leaves either the old file or the new one, never half.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import jax
+import numpy as np
+
+
+def to_jsonable(value):
+    """Scalars -> float/int, arrays -> (nested) lists, so metrics dicts serialise as JSON."""
+    arr = np.asarray(value)
+    if arr.dtype == bool:
+        return arr.tolist()
+    if arr.ndim == 0:
+        return int(arr) if np.issubdtype(arr.dtype, np.integer) else float(arr)
+    return arr.tolist()
+
+
+def sanitize(x, path: str = "", bad: list | None = None):
+    """Plain JSON types (dicts, lists, str, bool, int, float); non-finite floats become None and
+    their paths are appended to ``bad``."""
+    if isinstance(x, dict):
+        return {str(k): sanitize(v, f"{path}/{k}", bad) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [sanitize(v, f"{path}[{i}]", bad) for i, v in enumerate(x)]
+    if isinstance(x, np.ndarray):
+        return sanitize(x.tolist(), path, bad)
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        if not math.isfinite(float(x)):
+            if bad is not None:
+                bad.append(path)
+            return None
+        return float(x)
+    return x
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """``obj`` as JSON at ``path``, atomically (NaN/inf rejected: sanitise first)."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_npz(path: str, arrays: dict) -> None:
+    """``np.savez`` at ``path``, atomically."""
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, appended as training goes. ``path=None`` (or
+    any process but 0 of a multi-host run when writing) writes nothing."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+
+    def _writer(self) -> bool:
+        return self.path is not None and jax.process_index() == 0
+
+    def write(self, record: dict) -> None:
+        if not self._writer():
+            return
+        line = json.dumps({k: to_jsonable(v) for k, v in record.items()})
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def records(self) -> list[dict]:
+        """Every complete line (a line cut short by a kill is skipped)."""
+        if self.path is None or not os.path.exists(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def final(self) -> dict:
+        """The last record marked ``"final": true``, or {}."""
+        finals = [r for r in self.records() if r.get("final")]
+        return finals[-1] if finals else {}
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (and final records): on resume from a checkpoint at
+        ``step``, what the killed run wrote past it is replayed."""
+        if not self._writer() or not os.path.exists(self.path):
+            return
+        keep = [r for r in self.records() if r.get("step", 0) <= step and not r.get("final")]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
