@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from safety_mech import data
+from safety_mech import data, safety_data
 
 
 def measure(fn, batch_size: int, iters: int, trials: int = 5) -> dict:
@@ -46,8 +46,8 @@ def main(argv=None):
     b = args.batch
     samplers = {
         "pretrain": lambda k: data.sample_pretrain_batch(k, cfg, b, 50_000),
-        "finetune": lambda k: data.sample_finetune_batch(k, cfg, b),
-        "eval_unsafe": lambda k: data.sample_eval_set(k, cfg, "unsafe", b),
+        "finetune": lambda k: safety_data.sample_finetune_batch(k, cfg, b),
+        "eval_unsafe": lambda k: safety_data.sample_eval_set(k, cfg, "unsafe", b),
     }
     results = {name: measure(fn, b, args.iters) for name, fn in samplers.items()}
     if args.json:

@@ -31,7 +31,9 @@ from safety_mech import data as data_lib
 from safety_mech import host_memory
 from safety_mech import losses
 from safety_mech import model as model_lib
+from safety_mech import optim
 from safety_mech import packing
+from safety_mech import setups
 from safety_mech import train as train_lib
 
 
@@ -62,22 +64,24 @@ def _at_step(state: train_lib.TrainState, data_step: int) -> train_lib.TrainStat
 
 
 def _build(preset: str, batch: int, n_replicas: int, pack: bool | None):
-    """(setup, step_fn, state, n_params, sample) of the preset's pretraining step, not yet compiled."""
+    """(setup, step_fn, state, n_params, sample) of the preset's pretraining step, not yet compiled;
+    ``n_replicas`` replicas of the preset's learning rate (seeds 0 .. n_replicas − 1)."""
     cfg = pretrain_config.get_config(preset)
-    cfg.train.batch_size, cfg.train.n_replicas = batch, n_replicas
+    cfg.train.batch_size, cfg.train.seeds = batch, tuple(range(n_replicas))
+    cfg.opt.lrs = cfg.opt.lrs[:1]
     if pack is not None:
         cfg.train.pack = pack
-    setup = pretrain_config.validate(cfg)
-    optimizer = train_lib.make_optimizer(setup.opt)
-    state = train_lib.init_replicas(jax.random.key(0), n_replicas,
-                                    lambda k: model_lib.init_params(k, setup.model), optimizer,
-                                    setup.opt.peak_lrs(n_replicas))
+    setup = setups.validate_pretrain(cfg)
+    optimizer = optim.make_optimizer(setup.opt)
+    state = train_lib.init_replicas(setup.opt.lrs, setup.train.seeds,
+                                    lambda k: model_lib.init_params(k, setup.model), optimizer)
     n_params = model_lib.count_params(state.params, exclude_head=False) // n_replicas
     sample = lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, batch, step)  # noqa: E731
+    lr_fn = optim.make_lr_fn(setup.opt)  # as the launcher's step (train/lr)
     if setup.train.pack:
-        step_fn = packing.make_packed_train_step(optimizer, sample, setup.loss, n_replicas=n_replicas)
+        step_fn = packing.make_packed_train_step(optimizer, sample, setup.loss, lr_fn=lr_fn)
     else:
-        step_fn = train_lib.make_train_step(losses.lm_loss, optimizer, sample, setup.loss, n_replicas=n_replicas)
+        step_fn = train_lib.make_train_step(losses.lm_loss, optimizer, sample, setup.loss, lr_fn=lr_fn)
     return setup, step_fn, state, n_params, sample
 
 
@@ -182,10 +186,10 @@ def whole_run(preset: str = "paper", batch: int = 64, steps: int = 6, points: in
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="paper", choices=("paper", "tiny"))
+    parser.add_argument("--preset", default="paper", choices=pretrain_config.SIZES)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
-    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of one compiled step (seeds 0 .. N-1)")
     parser.add_argument("--json", action="store_true", help='print {"ms_per_step", "tokens_per_s"} only')
     parser.add_argument("--baseline", action="store_true",
                         help="also time benchmarks/plain_gpt.py's step of the same size, interleaved with ours")
@@ -199,6 +203,8 @@ def main():
                         help="time the step at POINTS curriculum steps spread over the run (0 ... last) "
                              "and print the run's mean step (the wall time follows it)")
     args = parser.parse_args()
+    if args.replicas < 1:
+        parser.error(f"--replicas must be >= 1, got {args.replicas}")
     if args.whole_run < 0:
         parser.error(f"--whole_run must be >= 0 (0: off), got {args.whole_run}")
     if args.whole_run and (args.replicas != 1 or args.data_step):

@@ -7,9 +7,14 @@ realmodels    §10.7       §10.1-10.2 for two safetensors checkpoints, streamed
 interventions §10.6       θ(α) = θ_IT + α(θ_ST − θ_IT) (all weights or MLP only), α sweeps of a caller's
                           metrics and of τ; ΔW arithmetic (``finetune_losses.delta_arithmetic``)
 plots         §10.1-10.6  matplotlib figures (Agg) from the JSON numbers, one PNG per call
+probes        §7, §9      logistic probes of the residual stream (unsafe vs safe, text branch); Null /
+                          Instruct split by branch, always-unsafe operators, PCFG, posterior
+bayes         §7, §9      the Bayes reading of an input: window counts per (PCFG, branch), exact
+                          operator likelihoods, P(unsafe | text, ops), the refusal ceiling
 
-``launch/analyze.py`` runs them all on fine-tuned runs and writes ``analysis.json``, the figures and
-the SPEC §11 findings.
+``launch/analyze.py`` runs the §10 ones on fine-tuned runs and writes ``analysis.json``, the figures
+and the SPEC §11 findings; ``benchmarks/refusal_breakdown.py`` and ``refusal_ceiling.py`` are the CLIs
+of ``probes`` and ``bayes``.
 
 Submodules are imported explicitly (``from safety_mech.analysis import weights``): importing the package
 loads nothing heavy, and ``realmodels`` only needs safetensors when it runs.
