@@ -21,7 +21,7 @@ OUT = flags.DEFINE_string("out", None, "output directory (analysis.json and the 
 
 def main(argv):
     cli.main(argv, ("base", "runs", "out"), lambda: study.analyze(
-        BASE.value, RUNS.value, OUT.value, setups.validate_flat(AnalysisConfig, (CONFIG.value or analyze_config.get_config("tiny")), "config")))
+        BASE.value, RUNS.value, OUT.value, setups.validate_flat(AnalysisConfig, (CONFIG.value or analyze_config.get_config("tiny")), None)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ RUN = flags.DEFINE_string("run", None, "run directory to evaluate (config.json +
 
 def main(argv):
     cli.main(argv, ("run",), lambda: study.evaluate(RUN.value, setups.validate_flat(
-        EvaluationConfig, (CONFIG.value or evaluate_config.get_config("tiny")), "config")))
+        EvaluationConfig, (CONFIG.value or evaluate_config.get_config("tiny")), None)))
 
 
 if __name__ == "__main__":

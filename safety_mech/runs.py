@@ -72,9 +72,9 @@ class RunDir:
             with open(config_path) as f:
                 config = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise RunError(f"cannot read {config_path}: {' '.join(str(e).split())}") from None
+            raise RunError(f"{flag} {path}: cannot read config.json: {' '.join(str(e).split())}") from None
         if not isinstance(config, dict):
-            raise RunError(f"{config_path} is not a config (a JSON object)")
+            raise RunError(f"{flag} {path}: config.json is not a config (a JSON object)")
         return cls(os.path.abspath(path), config, flag)
 
     # -- what the run is ----------------------------------------------------------------------
@@ -154,7 +154,10 @@ class RunDir:
         """The params of every replica at ``step`` (default: the latest), stacked [R, ...] as host
         numpy, checked leaf by leaf against the config's model and replica count."""
         step = self.latest_step() if step is None else step
-        params = ckpt_lib.load_params(self.path, step)
+        try:
+            params = ckpt_lib.load_params(self.path, step)
+        except ckpt_lib.CheckpointError as e:
+            raise RunError(f"{self.where}: {e}") from None
         model_cfg = self.setup.model
         expected = jax.eval_shape(lambda k: model_lib.init_params(k, model_cfg), jax.random.key(0))
         if jax.tree.structure(params) != jax.tree.structure(expected):

@@ -50,19 +50,21 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the offending key."""
 
 
-def dataclass_from_config(cls, values, group: str):
+def dataclass_from_config(cls, values, group: str | None):
     """Build the frozen dataclass ``cls`` from a mapping (``ConfigDict`` or dict) of config group
-    ``group``; unknown keys and values the dataclass rejects become a one-line :class:`ConfigError`."""
+    ``group`` (``None``: the whole config is the group, as a launcher's flat ``--config``); unknown
+    keys and values the dataclass rejects become a one-line :class:`ConfigError`."""
     values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
     fields = {f.name for f in dataclasses.fields(cls)}
+    where = "config" if group is None else f"config.{group}"
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"unknown key(s) config.{group}.{{{', '.join(unknown)}}}; valid keys: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown key(s) {where}.{{{', '.join(unknown)}}}; valid keys: {', '.join(sorted(fields))}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.{group}: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 
 def _check_groups(cfg, groups, where: str = "config") -> None:
@@ -130,6 +132,8 @@ def validate_pretrain(cfg) -> PretrainSetup:
         # warmup/2 can exceed a short run's length: the curriculum then holds for the whole run
         data_values["curriculum_hold_steps"] = min(warmup // 2, max(end, 0))
     data_cfg, model_cfg, opt_cfg, train_cfg, eval_cfg = _common(cfg, data_values)
+    if "model" in cfg.loss:
+        raise ConfigError("config.loss.model is derived (the config's model); remove it")
     loss_cfg = dataclass_from_config(LossConfig, {**cfg.loss.to_dict(), "model": model_cfg}, "loss")
     return PretrainSetup(data_cfg, model_cfg, opt_cfg, train_cfg, eval_cfg, loss_cfg)
 
@@ -180,8 +184,9 @@ def validate_finetune(cfg) -> FinetuneSetup:
     return FinetuneSetup(data_cfg, model_cfg, opt_cfg, train_cfg, eval_cfg, dataclasses.replace(method, model=model_cfg))
 
 
-def validate_flat(cls, cfg, group: str):
-    """A flat config group (evaluation, analysis) as the frozen dataclass ``cls``."""
+def validate_flat(cls, cfg, group: str | None):
+    """A flat config group (evaluation, analysis) as the frozen dataclass ``cls``; ``group=None``
+    for a launcher's ``--config`` (keys named ``config.<key>``)."""
     return dataclass_from_config(cls, cfg, group)
 
 
