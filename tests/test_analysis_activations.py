@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safety_mech import data, model
+from safety_mech import data, model, safety_data
 from safety_mech.analysis import activations, lipschitz
 
 TINY = model.ModelConfig(vocab_size=54, seq_len=28, n_layer=2, n_head=2, d_model=16, d_mlp=32)
@@ -132,21 +132,10 @@ def test_lipschitz_scores_match_independent_grad(params):
 def test_on_an_evaluation_set(params):
     """set_activations teacher-forces tokens_true (SPEC §10.4) on a sampled evaluation set."""
     dcfg = data.DataConfig(min_len=4, max_len=6)
-    batch = data.tree_to_numpy(data.sample_eval_set(jax.random.key(0), dcfg, "unsafe", 6))
+    batch = jax.tree.map(np.asarray, safety_data.sample_eval_set(jax.random.key(0), dcfg, "unsafe", 6))
     assert batch["tokens_true"].shape[1] == TINY.seq_len  # 3 * max_len + 10
     acts = activations.set_activations(params, TINY, batch)
     assert acts.shape == (TINY.n_layer, 6, TINY.d_mlp) and np.all(np.isfinite(acts))
     ref = _reference_windows(params, batch["tokens_true"], batch["prompt_len"], "mlp_hidden", 10).mean(2)
     np.testing.assert_allclose(acts, ref, atol=1e-5)
 
-
-def test_map_in_chunks():
-    calls = []
-
-    def fn(x):
-        calls.append(x.shape[0])
-        return 2 * x.T  # examples on axis 1
-    x = np.arange(14.0).reshape(7, 2)
-    out = activations.map_in_chunks(fn, (x,), 3, out_axis=1)
-    np.testing.assert_array_equal(out, 2 * x.T)
-    assert calls == [3, 3, 3]  # last chunk padded to the same shape

@@ -1,9 +1,10 @@
-"""SPEC §10.6 interventions (θ(α), sweeps, τ along α) and the §10 figures."""
+"""SPEC §10.6 interventions (θ(α), sweeps, τ along α), SPEC §8 ΔW arithmetic, and the §10 figures."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safety_mech import finetune_losses, model
+from safety_mech import model
 from safety_mech.analysis import activations, interventions, plots
 
 TINY = model.ModelConfig(vocab_size=54, seq_len=16, n_layer=2, n_head=2, d_model=8, d_mlp=16,
@@ -69,8 +70,6 @@ def test_interpolate_values_and_mlp_only(pair):
             assert not np.array_equal(leaf, flat_it[path]), path
         else:  # attention, LayerNorms, embeddings, positions, head: θ_IT unchanged
             np.testing.assert_array_equal(leaf.view(np.uint32), flat_it[path].view(np.uint32))
-    # ΔW arithmetic is finetune_losses' (re-exported, not duplicated)
-    assert interventions.delta_arithmetic is finetune_losses.delta_arithmetic
     with pytest.raises(ValueError, match="shape"):
         interventions.interpolate(it, jax.tree.map(lambda x: np.stack([x, x]), st), 0.5)
 
@@ -136,6 +135,32 @@ def test_tau_fn_uses_the_params_own_cluster_means():
     again = {"again": lambda p: activations.set_activations(p, TINY, safe, **kw)}
     taus = interventions.set_taus(params, TINY, held_s, held_u, {"safe": safe}, extra_acts=again, **kw)
     np.testing.assert_allclose(taus["again"], taus["safe"])
+
+
+def test_delta_arithmetic():
+    """SPEC §8 cross-method ΔW arithmetic θ_IT + Σ α_i ΔW_i; a replica-stacked run (a wrong shape) is
+    refused instead of broadcast."""
+    base = {"a": np.array([1.0, 2.0], np.float32), "b": {"c": np.array(3.0, np.float32)}}
+    f1 = {"a": np.array([2.0, 2.0], np.float32), "b": {"c": np.array(3.0, np.float32)}}
+    f2 = {"a": np.array([1.0, 5.0], np.float32), "b": {"c": np.array(4.0, np.float32)}}
+    out = interventions.delta_arithmetic(base, f1, f2)  # θ_IT + ΔW_1 + ΔW_2
+    np.testing.assert_allclose(out["a"], [2.0, 5.0])
+    np.testing.assert_allclose(out["b"]["c"], 4.0)
+    out = interventions.delta_arithmetic(base, f1, f2, alphas=(0.5, -2.0))
+    np.testing.assert_allclose(out["a"], [1.5, -4.0])
+    assert out["a"].dtype == np.float32
+    np.testing.assert_array_equal(interventions.delta_arithmetic(base, f1, alphas=[0.0])["a"], base["a"])
+    np.testing.assert_array_equal(interventions.delta_arithmetic(base, f1, alphas=[1.0])["a"], f1["a"])
+    jax_out = interventions.delta_arithmetic(jax.tree.map(jnp.asarray, base), jax.tree.map(jnp.asarray, f2), alphas=[0.25])
+    np.testing.assert_allclose(jax_out["a"], [1.0, 2.75])
+    with pytest.raises(ValueError, match="2 alphas for 1"):
+        interventions.delta_arithmetic(base, f1, alphas=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"\['a'\] has shape \(2, 2\)"):
+        interventions.delta_arithmetic(base, {**f1, "a": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match="tree structure"):
+        interventions.delta_arithmetic(base, {"a": f1["a"]})
+    with pytest.raises(ValueError, match="at least one"):
+        interventions.delta_arithmetic(base)
 
 
 def _is_png(path):

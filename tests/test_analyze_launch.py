@@ -1,30 +1,30 @@
-"""launch/analyze.py end to end on a micro base run and a micro SSFT run (2 replicas): the JSON, the
-figures, numbers recomputed with plain NumPy from the checkpoints, the findings' rules, one-line
-errors with nothing written.
+"""The analysis stage (safety_mech/analysis/suite.py, SPEC §10) end to end on a micro base run and a
+micro SSFT run (2 replicas): the JSON, the figures, numbers recomputed with plain NumPy from the
+checkpoints, the SPEC §11 findings' rules on it (safety_mech/findings.py), one-line errors with
+nothing written, from the library and from launch/analyze.py.
 
-The base run is written directly (config.json + a step-5 checkpoint of freshly initialised params, the
-layout ``launch.pretrain`` writes; tests/test_finetune_launch.py runs the real pretraining): compiling
-a pretraining step and its evaluation would double this file's time, and the analyses only need some
-θ_IT that the SSFT run starts from."""
+The base run is written directly (config.json + a step-5 checkpoint of freshly initialised params,
+the layout ``study.pretrain`` writes; tests/test_finetune_launch.py runs the real pretraining):
+compiling a pretraining step and its evaluation would double this file's time, and the analyses only
+need some θ_IT that the SSFT run starts from."""
 import copy
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+import launch_cli
+import run_dirs
 from configs import finetune as ft_config
-from configs import pretrain as pt_config
-from launch import analyze
-from launch import finetune as launch_finetune
-from safety_mech import checkpoint, data, model, train
+from safety_mech import attacks, checkpoint, data, findings, safety_data, setups, study
+from safety_mech.analysis import entries, suite
+from safety_mech.analysis.suite import AnalysisConfig
+from safety_mech.runs import RunError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_MODEL = dict(n_layer=2, n_head=2, d_model=16, d_mlp=32)
 SMALL_EVAL = dict(n_periodic=8, n_final=8, batch_size=8, sets=("safe",))
 N = 8
@@ -33,24 +33,19 @@ ALPHAS = (0.0, 1.0, 2.0)
 LRS = (3e-4, 3e-5)  # ηM, ηS of these tests' fine-tuned run
 M0, M1 = "ssft/lr=0.0003/seed=0", "ssft/lr=3e-05/seed=0"
 SUM = f"{M0}+{M1}"
-
-
-def _pretrain_config():
-    cfg = pt_config.get_config("tiny")
-    cfg.model.update(MICRO_MODEL)
-    cfg.data.update(min_len=3, max_len=4)
-    cfg.opt.update(warmup_steps=2, decay_end_step=4)
-    cfg.train.update(steps=5, batch_size=8, log_every=1, eval_every=0, ckpt_every=0)
-    cfg.eval.update(SMALL_EVAL)
-    return cfg
+SWEEP_METRICS = ("safe/instruct", "safe/null", "unsafe/null", "unsafe/attack_success")  # entries.make_safety_metrics
 
 
 def _ssft_config():
     cfg = ft_config.get_config("ssft:tiny")
-    cfg.opt.update(warmup_steps=1, decay_end_step=3, lr=LRS[0], replica_lrs=LRS)
+    cfg.opt.update(warmup_steps=1, decay_end_step=3, lrs=LRS)
     cfg.train.update(steps=3, batch_size=8, log_every=1, eval_every=0, ckpt_every=0)
     cfg.eval.update(SMALL_EVAL)
     return cfg
+
+
+def _config(**kwargs):
+    return AnalysisConfig(**{"n": N, "alphas": ALPHAS, "sets": SETS, **kwargs})
 
 
 def fake_adversarial(params, model_cfg, batch, key):
@@ -60,30 +55,17 @@ def fake_adversarial(params, model_cfg, batch, key):
             "prompt_len": batch["prompt_len"]}
 
 
-def _write_base_run(workdir, cfg, step=5):
-    """A pretraining run directory as launch.pretrain leaves it, at ``step``, without training."""
-    setup = pt_config.validate(cfg)
-    os.makedirs(workdir)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-    optimizer = train.make_optimizer(setup.opt)
-    state = train.init_train_state(model.init_params(jax.random.key(0), setup.model), optimizer, jax.random.key(1))
-    manager = checkpoint.make_checkpoint_manager(checkpoint.checkpoint_dir(workdir))
-    try:
-        checkpoint.save_state(manager, state._replace(step=np.int32(step)))
-    finally:
-        manager.close()
-
-
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory):
     root = tmp_path_factory.mktemp("an")
     dirs = {name: str(root / name) for name in ("pre", "ssft", "out")}
-    _write_base_run(dirs["pre"], _pretrain_config())
-    launch_finetune.run(_ssft_config(), dirs["pre"], dirs["ssft"])
+    run_dirs.write_pretrain_run(dirs["pre"], run_dirs.micro_pretrain_config(model=MICRO_MODEL), step=5)
+    study.finetune(_ssft_config(), dirs["pre"], dirs["ssft"])
     lines = []
-    result = analyze.run(dirs["pre"], [dirs["ssft"]], dirs["out"], n=N, alphas=ALPHAS, sets=SETS, arithmetic=[SUM],
-                         adversarial_fn=fake_adversarial, log=lambda msg, *a: lines.append(msg % a))
+    with pytest.MonkeyPatch.context() as mp:  # the run was not evaluated: the analysis attacks itself
+        mp.setattr(attacks, "adversarial_inputs", fake_adversarial)
+        result = study.analyze(dirs["pre"], [dirs["ssft"]], dirs["out"], _config(arithmetic=(SUM,)),
+                               log=lambda msg, *a: lines.append(msg % a))
     return dirs, result, lines
 
 
@@ -109,11 +91,12 @@ def test_json_structure_figures_and_progress(analysis):
     dirs, result, lines = analysis
     saved = _load_json(os.path.join(dirs["out"], "analysis.json"))
     assert saved == result
-    assert set(saved) == {"meta", "models", "weights", "row_space", "tau", "lipschitz", "alpha_sweep", "findings",
-                          "findings_unchecked", "figures"}
-    assert list(saved["models"]) == ["base", M0, M1, SUM]
+    assert set(saved) == {"meta", "models", "weights", "row_space", "tau", "lipschitz", "alpha_sweep", "figures"}
+    assert list(saved["models"]) == [suite.BASE_NAME, M0, M1, SUM]
     assert saved["models"][M0]["lr"] == 3e-4 and saved["models"][M1]["replica"] == 1
+    assert saved["models"][M0]["methods"] == ["ssft"] and saved["models"][M0]["step"] == 3
     assert saved["models"][SUM]["arithmetic"] == [M0, M1]
+    assert saved["meta"]["base"]["step"] == 5 and saved["meta"]["runs"][0]["n_replicas"] == 2
     assert all(math.isfinite(v) for v in _numbers(saved)) and saved["meta"]["non_finite"] == []
     assert set(saved["tau"]) == set(saved["lipschitz"]) == {"base", M0, M1, SUM}
     assert set(saved["weights"]) == set(saved["row_space"]) == set(saved["alpha_sweep"]) == {M0, M1, SUM}
@@ -121,13 +104,13 @@ def test_json_structure_figures_and_progress(analysis):
     assert set(saved["tau"][M0]) == {*SETS, "adversarial"} and set(saved["tau"]["base"]) == set(SETS)
     assert len(saved["tau"][M0]["safe"]["mean"]) == 2 and saved["tau"][M0]["safe"]["n"] == N
     assert len(saved["lipschitz"][M0]["unsafe"]["scores"]) == N
-    assert len(saved["row_space"][M0]["sets"]["unsafe"]["delta_over_input_per_position"][1]) == analyze.POSITIONS
+    assert len(saved["row_space"][M0]["sets"]["unsafe"]["delta_over_input_per_position"][1]) == entries.POSITIONS
     sweep = saved["alpha_sweep"][M0]
     assert set(sweep) == {"all", "mlp"} and sweep["all"]["alpha"] == list(ALPHAS)
-    assert set(sweep["all"]["metrics"]) == set(analyze.SWEEP_METRICS)
+    assert set(sweep["all"]["metrics"]) == set(SWEEP_METRICS)
     assert np.shape(sweep["mlp"]["tau_mean"]["unsafe"]) == (len(ALPHAS), 2)
     # α = 0 is θ_IT whichever weights move; its τ is the base's
-    for k in analyze.SWEEP_METRICS:
+    for k in SWEEP_METRICS:
         assert sweep["all"]["metrics"][k][0] == sweep["mlp"]["metrics"][k][0]
     np.testing.assert_allclose(sweep["all"]["tau_mean"]["safe"][0], saved["tau"]["base"]["safe"]["mean"], rtol=1e-9)
     np.testing.assert_allclose(sweep["all"]["tau_mean"]["unsafe"][1], saved["tau"][M0]["unsafe"]["mean"], rtol=1e-9)
@@ -135,12 +118,19 @@ def test_json_structure_figures_and_progress(analysis):
         with open(os.path.join(dirs["out"], name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert set(saved["figures"]) == {"tau", "null_space", "row_space", "lipschitz", "alpha_sweep", "tau_along_alpha"}
-    for f in saved["findings"].values():
-        assert f["held"] in ("held", "partly", "not held") and f["rule"] and list(_numbers(f["numbers"]))
-    assert "tau_separation_ssft_lt_dpo_lt_unlearn" in saved["findings_unchecked"]  # only SSFT was given
-    assert {"tau_separation_grows_with_depth", "tau_separation_larger_with_eta_M", "delta_w_outside_col_w_it",
-            "alpha_above_1_safer", "attack_activations_near_safe_cluster"} <= set(saved["findings"])
+    # SPEC §11's weight and activation findings are a function of this JSON
+    found, unchecked = findings.analysis_findings(saved)
+    for f in found.values():
+        assert f["held"] in ("held", "partly", "not held") and f["rule"]
+    assert all(isinstance(why, str) and why for why in unchecked.values()) and not set(found) & set(unchecked)
+    assert "tau_separation_ssft_lt_dpo_lt_unlearn" in unchecked  # only SSFT was given
+    assert {"tau_separates_after_finetuning", "tau_separation_grows_with_depth", "tau_separation_larger_with_eta_M",
+            "delta_w_small", "delta_w_low_rank", "delta_w_outside_col_w_it", "delta_w_acts_more_on_unsafe",
+            "lipschitz_falls_on_unsafe_rises_on_safe", "alpha_above_1_safer",
+            "attack_activations_near_safe_cluster"} <= set(found)
+    assert set(found) <= {f for f, _ in findings.FINDINGS}
     assert any("[3/3]" in line and "α sweep" in line for line in lines)
+    assert any("adversarial inputs (attacking)" in line for line in lines)
     assert not [f for f in os.listdir(dirs["out"]) if f.startswith(".analysis")]  # no temporary file left
 
 
@@ -199,7 +189,7 @@ def _window_mean(hidden, prompt_len, P=10):
 def test_json_numbers_recomputed_with_numpy_from_the_checkpoints(analysis):
     dirs, result, _ = analysis
     meta = result["meta"]
-    it = checkpoint.load_params(dirs["pre"], meta["base"]["step"])
+    it = jax.tree.map(lambda x: np.asarray(x)[0], checkpoint.load_params(dirs["pre"], meta["base"]["step"]))
     st = jax.tree.map(lambda x: np.asarray(x)[0], checkpoint.load_params(dirs["ssft"]))  # replica 0 = M0
 
     W_it = np.asarray(it["h_1"]["mlp"]["c_fc"]["kernel"], np.float64).T  # y = W x
@@ -215,12 +205,12 @@ def test_json_numbers_recomputed_with_numpy_from_the_checkpoints(analysis):
 
     # τ mean per layer of the safe set: the inputs from the recorded key derivation
     data_cfg = data.DataConfig(min_len=meta["data"]["min_len"], max_len=meta["data"]["max_len"],
-                               p_four_iid=meta["data"]["p_four_iid"], p_second_pair=meta["data"]["p_second_pair"])
+                               seq_len=meta["data"]["T"], p_second_pair=meta["data"]["p_second_pair"])
     key = jax.random.key(meta["seed"])
 
     def inputs(split, name, n):
-        b = data.sample_eval_set(jax.random.fold_in(jax.random.fold_in(key, split), data.EVAL_SETS.index(name)),
-                                 data_cfg, name, n)
+        b = safety_data.sample_eval_set(
+            jax.random.fold_in(jax.random.fold_in(key, split), safety_data.EVAL_SETS.index(name)), data_cfg, name, n)
         return np.asarray(b["tokens_true"]), np.asarray(b["prompt_len"])
 
     def acts(split, name, n):
@@ -243,18 +233,37 @@ def test_findings_follow_their_rules(analysis):
         r["tau"][m]["safe"]["mean"] = [1.0, 3.0 if m == M0 else 2.0]
         r["tau"][m]["unsafe"]["mean"] = [-1.0, -3.0]
         for s in ("safe", "unsafe"):
-            r["tau"][m][s]["std"] = [1.0, 1.0]
-        r["lipschitz"][m]["unsafe"]["mean"] = r["lipschitz"]["base"]["unsafe"]["mean"] - 1.0
-        r["lipschitz"][m]["safe"]["mean"] = r["lipschitz"]["base"]["safe"]["mean"] - 1.0
+            r["tau"][m][s].update(std=[1.0, 1.0], n=1000)
     for s in ("safe", "unsafe"):
-        r["tau"]["base"][s].update(mean=[0.0, 0.0], std=[1.0, 1.0])
-    found, _ = analyze.findings(r)
+        r["tau"]["base"][s].update(mean=[0.0, 0.0], std=[1.0, 1.0], n=1000)
+        base_scores = 1.0 + 0.01 * np.arange(N)  # plant: the fine-tuned models halve every score
+        r["lipschitz"]["base"][s].update(scores=base_scores.tolist(), mean=float(base_scores.mean()),
+                                         std=float(base_scores.std()))
+        for m in (M0, M1):
+            r["lipschitz"][m][s].update(scores=(0.5 * base_scores).tolist(), mean=float(0.5 * base_scores.mean()),
+                                        std=float(0.5 * base_scores.std()))
+    found, _ = findings.analysis_findings(r)
     assert found["tau_separates_after_finetuning"]["held"] == "held"
     assert found["tau_separation_grows_with_depth"]["held"] == "held"
     assert found["tau_separation_larger_with_eta_M"]["held"] == "held"
     assert found["lipschitz_falls_on_unsafe_rises_on_safe"]["held"] == "partly"  # falls on both
     r["tau"][M1]["safe"]["mean"] = [1.0, 4.0]
-    assert analyze.findings(r)[0]["tau_separation_larger_with_eta_M"]["held"] == "not held"
+    assert findings.analysis_findings(r)[0]["tau_separation_larger_with_eta_M"]["held"] == "not held"
+    for s in ("safe", "unsafe"):  # no separation at all after fine-tuning
+        for m in (M0, M1):
+            r["tau"][m][s]["mean"] = [0.0, 0.0]
+    assert findings.analysis_findings(r)[0]["tau_separates_after_finetuning"]["held"] == "not held"
+    # the arithmetic model is no fine-tuned model: its numbers decide nothing
+    r["tau"][SUM] = copy.deepcopy(r["tau"][M0])
+    r["tau"][SUM]["safe"]["mean"] = [1.0, 30.0]
+    assert findings.analysis_findings(r)[0]["tau_separates_after_finetuning"]["held"] == "not held"
+
+
+def test_verdict():
+    assert findings.verdict([True, True]) == "held" and findings.verdict([False, 0]) == "not held"
+    assert findings.verdict([True, False, True]) == "partly"
+    with pytest.raises(ValueError):
+        findings.verdict([])
 
 
 def test_bad_input_is_one_line_and_writes_nothing(analysis, tmp_path):
@@ -265,28 +274,29 @@ def test_bad_input_is_one_line_and_writes_nothing(analysis, tmp_path):
     other = tmp_path / "other_base"  # a different pretraining run (another seed)
     shutil.copytree(dirs["pre"], other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["train"]["seed"] = 7
+    cfg["train"]["seeds"] = [7]
     (other / "config.json").write_text(json.dumps(cfg))
     cases = [
-        (dict(base=dirs["pre"], runs=[str(tmp_path / "nope")]), r"--runs .*nope: no config.json"),
-        (dict(base=dirs["ssft"], runs=[dirs["ssft"]]), "--base .* is a fine-tuned run"),
-        (dict(base=dirs["pre"], runs=[dirs["pre"]]), "is not a fine-tuned run"),
-        (dict(base=str(other), runs=[dirs["ssft"]]), "was not fine-tuned from --base"),
-        (dict(base=dirs["pre"], runs=[dirs["ssft"], dirs["ssft"]]), "more than once"),
-        (dict(base=dirs["pre"], runs=[dirs["ssft"]], arithmetic=["nope+x"]), "--arithmetic nope\\+x"),
-        (dict(base=dirs["pre"], runs=[dirs["ssft"]], sets=["safe"]), "--sets"),
+        (dict(base=dirs["pre"], runs=[str(tmp_path / "nope")]), {}, r"^--runs .*nope: no config.json"),
+        (dict(base=dirs["ssft"], runs=[dirs["ssft"]]), {}, "^--base .* is a fine-tuned run"),
+        (dict(base=dirs["pre"], runs=[dirs["pre"]]), {}, "is not a fine-tuned run"),
+        (dict(base=str(other), runs=[dirs["ssft"]]), {}, "was not fine-tuned from --base"),
+        (dict(base=dirs["pre"], runs=[dirs["ssft"], dirs["ssft"]]), {}, "more than once"),
+        (dict(base=dirs["pre"], runs=[]), {}, "give at least one fine-tuned run"),
+        (dict(base=dirs["pre"], runs=[dirs["ssft"]]), dict(arithmetic=("nope+x",)), r"arithmetic nope\+x"),
+        (dict(base=dirs["pre"], runs=[dirs["ssft"]]), dict(base_replica=1), r"base_replica 1 outside 0..0"),
     ]
-    for kwargs, match in cases:
-        with pytest.raises(analyze.RunError, match=match) as e:
-            analyze.run(out=str(out), n=N, **kwargs)
+    for kwargs, cfg_kwargs, match in cases:
+        with pytest.raises(RunError, match=match) as e:
+            study.analyze(out=str(out), cfg=_config(**cfg_kwargs), **kwargs)
         assert "\n" not in str(e.value)
     assert os.listdir(out) == ["analysis.json"] and (out / "analysis.json").read_text() == "previous"
+    with pytest.raises(setups.ConfigError, match="safe and unsafe included"):
+        setups.validate_flat(AnalysisConfig, {"sets": ["safe"]}, "analyze")
 
     fresh = tmp_path / "fresh"
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.analyze", f"--base={dirs['pre']}", "--runs", dirs["ssft"], str(tmp_path / "nope"),
-         f"--out={fresh}", "--n=4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: --runs ") and "nope: no config.json" in last, proc.stderr[-2000:]
+    last = launch_cli.error_line(launch_cli.run(
+        "analyze", f"--base={dirs['pre']}", f"--runs={dirs['ssft']},{tmp_path / 'nope'}", f"--out={fresh}",
+        "--config", "configs/analyze.py:micro", "--config.n=4"))
+    assert last == f"error: --runs {tmp_path / 'nope'}: no config.json (not a run directory)", last
     assert not fresh.exists()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safety_mech import attacks, evaluate, losses
+from safety_mech import attacks, losses, metrics, replicas
 from safety_mech import data as data_lib
 from safety_mech import grammar as gr
 from safety_mech import model as model_lib
@@ -16,7 +16,7 @@ N = 8
 
 @pytest.fixture(scope="module")
 def unsafe():
-    return evaluate.sample_eval_data(jax.random.key(0), DATA, "unsafe", N)
+    return metrics.sample_eval_data(jax.random.key(0), DATA, "unsafe", N)
 
 
 def _model(pos):
@@ -33,7 +33,7 @@ def test_insert_soft_slots_shifts_the_response_by_k(unsafe):
         np.testing.assert_array_equal(att["soft_slot"][b, p - 1:p + 1], [0, 1])
         np.testing.assert_array_equal(att["prompt"][b, :p - 1], unsafe["prompt"][b, :p - 1])  # BOS .. t_L
         assert att["prompt"][b, p + 1] == gr.EOT and (att["prompt"][b, p + 2:] == gr.PAD).all()
-        for t in evaluate.TARGETS:
+        for t in metrics.TARGETS:
             np.testing.assert_array_equal(att[f"tokens_{t}"][b, p - 1 + k:], unsafe[f"tokens_{t}"][b, p - 1:])
             np.testing.assert_array_equal(att[f"gov_mask_{t}"][b, p - 1 + k:], unsafe[f"gov_mask_{t}"][b, p - 1:])
             assert not att[f"gov_mask_{t}"][b, :p - 1 + k].any()
@@ -77,15 +77,17 @@ def test_project_to_ball():
 
 def test_attack_stays_in_the_ball_and_raises_the_harmful_likelihood(unsafe):
     """Sinusoidal positions: every example fits (learned positions, which drop the examples that do
-    not fit, are exercised by test_evaluate's end-to-end run of the tiny preset's model)."""
+    not fit, are exercised by test_evaluation's end-to-end run of the tiny preset's model)."""
     cfg = _model("sinusoidal")
     # GPT-2 init (std 0.02) makes a 1-layer model almost blind to its input; larger weights give
     # the soft tokens a measurable effect on the loss
     params = jax.tree.map(lambda x: 5.0 * x, model_lib.init_params(jax.random.key(2), cfg))
     budget = 2.0
     attack_eval = attacks.make_attack_eval(cfg, attacks.AttackConfig(steps=8, budget=budget), chunk=N)
-    out, counts = attack_eval(params, unsafe, N, jax.random.key(3))
+    out, counts = attack_eval(replicas.stack([params]), unsafe, N, jax.random.key(3))  # one replica
     assert counts == {"n": N, "n_truncated": 0}  # sinusoidal positions extend to T + k
+    assert out["soft"].shape == (1, N, 2, cfg.d_model)
+    out = replicas.select(out, 0)
     eps = budget * float(attacks.embedding_radius(params))
     assert np.linalg.norm(out["soft"], axis=-1).max() <= eps + 1e-5  # every soft token, every example
     assert np.all(out["loss_after"] <= out["loss_before"]) and np.mean(out["loss_before"] - out["loss_after"]) > 0.02
@@ -95,7 +97,7 @@ def test_attack_stays_in_the_ball_and_raises_the_harmful_likelihood(unsafe):
 
 
 def test_adversarial_inputs_for_the_analyses(unsafe):
-    """launch.analyze's contract: the embeddings of the attacked teacher-forced sequence (true
+    """The analyses' contract (analysis/suite.py): the embeddings of the attacked teacher-forced sequence (true
     output shifted by k) and its prompt length, every example kept."""
     cfg = _model("learned")
     params = model_lib.init_params(jax.random.key(4), cfg)
@@ -110,17 +112,21 @@ def test_adversarial_inputs_for_the_analyses(unsafe):
 
 
 def test_adversarial_from_soft_rebuilds_the_attacked_inputs(unsafe):
-    """The saved soft tokens of an attack (what launch.evaluate keeps) give the analyses exactly the
-    inputs adversarial_inputs builds when it attacks itself with the same key."""
+    """The saved soft tokens of an attack (what evaluation.py keeps, per replica) give the analyses
+    the inputs adversarial_inputs builds when it attacks itself with the same key."""
     cfg = _model("sinusoidal")
     params = jax.tree.map(lambda x: 5.0 * x, model_lib.init_params(jax.random.key(6), cfg))
     attack_cfg = attacks.AttackConfig(steps=3)
     key = jax.random.key(7)
-    attacked, counts = attacks.make_attack_eval(cfg, attack_cfg, chunk=N)(params, unsafe, N, key)
-    assert counts["n"] == N
-    rebuilt = attacks.adversarial_from_soft(params, cfg, unsafe, attacked["soft"])
+    # two replicas: the second is the model under study, the first another one
+    other = jax.tree.map(lambda x: 5.0 * x, model_lib.init_params(jax.random.key(8), cfg))
+    attacked, counts = attacks.make_attack_eval(cfg, attack_cfg, chunk=N)(replicas.stack([other, params]), unsafe,
+                                                                         N, key)
+    assert counts["n"] == N and attacked["soft"].shape == (2, N, attack_cfg.k, cfg.d_model)
+    rebuilt = attacks.adversarial_from_soft(params, cfg, unsafe, attacked["soft"][1])
     direct = attacks.adversarial_inputs(params, cfg, unsafe, key, attack_cfg)
     np.testing.assert_array_equal(rebuilt["prompt_len"], direct["prompt_len"])
     np.testing.assert_allclose(rebuilt["embeddings"], direct["embeddings"], rtol=1e-6, atol=1e-7)
+    assert not np.allclose(attacked["soft"][0], attacked["soft"][1])
     with pytest.raises(ValueError, match="do not fit"):
-        attacks.adversarial_from_soft(params, cfg, unsafe, attacked["soft"][:-1])
+        attacks.adversarial_from_soft(params, cfg, unsafe, attacked["soft"][1][:-1])

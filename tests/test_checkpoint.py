@@ -78,6 +78,7 @@ def test_load_params_is_a_plain_dict(runs):
     full_dir, full, _, _ = runs
     params = checkpoint.load_params(full_dir)
     assert isinstance(params, dict) and isinstance(params["h_0"]["mlp"], dict)
+    assert params["wte"]["embedding"].shape == (1, toy.MODEL.vocab_size, toy.MODEL.d_model)  # replica axis
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert sorted(int(s) for s in os.listdir(checkpoint.checkpoint_dir(full_dir)) if s.isdigit()) == [6, 8]
@@ -111,13 +112,14 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path):
 
 def test_load_params_on_another_device_count(tmp_path):
     """A checkpoint written on a 4-device mesh (one leaf sharded, the rest replicated, as the
-    pretraining state) loads in a 1-device process as host numpy arrays: no "Topology mismatch"."""
+    pretraining state) loads in a 1-device process as host numpy arrays [R, ...]: no "Topology
+    mismatch"."""
     assert jax.device_count() == 4  # conftest
     mesh = sharding.make_mesh()
     state = sharding.put_replicated(toy.init_state(jax.random.key(3)), mesh)
     wte = state.params["wte"]["embedding"]
     state = state._replace(params={**state.params, "wte": {
-        "embedding": jax.device_put(wte, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))}})
+        "embedding": jax.device_put(wte, NamedSharding(mesh, P(None, None, sharding.DATA_AXIS)))}})
     manager = checkpoint.make_checkpoint_manager(checkpoint.checkpoint_dir(str(tmp_path)))
     checkpoint.save_state(manager, state)
     manager.close()

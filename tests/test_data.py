@@ -1,6 +1,5 @@
-"""The samplers of safety_mech.data checked example by example against tests/reference.py."""
-import dataclasses
-
+"""The pretraining samplers of safety_mech/data.py (and the pieces the safety data is built from)
+checked example by example against tests/reference.py; the safety data is test_safety_data.py's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,53 +7,20 @@ import pytest
 
 import reference as ref
 from safety_mech import data, grammar as gr
+from sample_rows import branch_of, ops_of, rows, strings, text_of
+from sample_rows import many as _many
 
 CFG = data.DataConfig()  # the paper's lengths: text 25..35, T = 115
 N = 512  # one batch size everywhere, so each sampler compiles once
 
 
 def many(sampler, key, n, *args):
-    """n examples from repeated calls of a batch sampler at batch size N (no recompilation)."""
-    parts = [sampler(k, CFG, N, *args) for k in jax.random.split(key, -(-n // N))]
-    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-
-
-def rows(batch):
-    """Batch dict -> list of per-example dicts of numpy values."""
-    batch = {k: np.asarray(v) for k, v in batch.items()}
-    n = len(next(iter(batch.values())))
-    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
-
-
-def strings(tokens):
-    return [gr.VOCAB[int(t)] for t in tokens]
-
-
-def text_of(ex):
-    return [ref.LETTERS[x] for x in ex["text"][: ex["text_len"]]]
-
-
-def ops_of(ex):
-    return strings(ex["ops"])
-
-
-def branch_of(ex):
-    return gr.BRANCH_NAMES[int(ex["branch"])]
+    return _many(sampler, key, n, CFG, N, *args)
 
 
 @pytest.fixture(scope="module")
 def pretrain():
     return data.sample_pretrain_batch(jax.random.key(0), CFG, N, 0)
-
-
-@pytest.fixture(scope="module")
-def finetune():
-    return data.sample_finetune_batch(jax.random.key(1), CFG, N)
-
-
-@pytest.fixture(scope="module")
-def eval_sets():
-    return {name: data.sample_eval_set(jax.random.key(2), CFG, name, N) for name in data.EVAL_SETS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,165 +113,6 @@ def test_curriculum_mode_frequencies_follow_the_step():
 
 
 # ----------------------------------------------------------------------------------------------
-# Safety fine-tuning
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_safety_example(ex, tokens_desired=None, tokens_undesired=None):
-    """Rebuild the example's completions from its ops and text with the reference."""
-    pcfg, branch, ops, text = int(ex["pcfg"]), branch_of(ex), ops_of(ex), text_of(ex)
-    a, b = ref.true_segments(ops, text)
-    refusal = ["2a"] * len(text)
-    harmful = ref.layout(ops, text, [a, b], CFG.T)
-    refusal_seq = ref.layout(ops, text, [a, refusal] if ex["second_pair"] else [refusal], CFG.T)
-    return harmful, refusal_seq
-
-
-def test_finetune_completions_match_reference(finetune):
-    for ex in rows(finetune):
-        ops, text = ops_of(ex), text_of(ex)
-        true_seq, refusal_seq = _check_safety_example(ex)
-        desired, undesired = strings(ex["tokens_desired"]), strings(ex["tokens_undesired"])
-        if ex["unsafe"]:
-            assert desired == refusal_seq and undesired == true_seq
-        else:
-            assert desired == true_seq and undesired == refusal_seq
-            assert not ex["second_pair"]
-        L = len(text)
-        for seq, mask in ((desired, ex["mask_desired"]), (undesired, ex["mask_undesired"])):
-            eos = seq.index("%")
-            assert set(np.flatnonzero(mask)) == set(range(7 + L, eos + 1))  # response only
-        assert int(ex["prompt_len"]) == 7 + L
-
-
-def test_finetune_safety_labels(finetune):
-    for ex in rows(finetune):
-        pcfg, branch, ops = int(ex["pcfg"]), branch_of(ex), ops_of(ex)
-        assert branch in ("safe", "unsafe")
-        U = ref.unsafe_set(pcfg, branch)
-        assert all(o in ref.BASE_OPS for o in ops)  # no duplicates, no null operators
-        pairs = [ops[:2], ops[2:]]
-        if ex["unsafe"]:
-            governed = pairs[1:] if ex["second_pair"] else pairs
-            assert all(any(o in U for o in pair) for pair in governed)
-            if ex["second_pair"]:
-                assert pairs[0] == ["(", "("]
-        else:
-            assert not any(o in U for o in ops)
-
-
-def test_finetune_texts_come_from_the_right_grammar(finetune):
-    for ex in rows(finetune)[:16]:
-        kind = "safe" if branch_of(ex) == "safe" else "id_mg"
-        assert ref.is_substring_of_language(text_of(ex), int(ex["pcfg"]), kind)
-
-
-def test_finetune_frequencies():
-    batch = many(data.sample_finetune_batch, jax.random.key(9), 20_480)
-    assert abs(batch["unsafe"].mean() - CFG.p_unsafe) < 0.01
-    assert abs(batch["branch"].mean() - 0.5) < 0.015  # 0 safe / 1 unsafe text, 50/50
-    assert abs(batch["second_pair"][batch["unsafe"]].mean() - CFG.p_second_pair) < 0.02
-    safe = ~batch["unsafe"]
-    # The operator rule: with prob 0.5 one slot is forced to '(', so '(' is over-represented.
-    for pcfg in gr.PCFGS:
-        sel = safe & (batch["pcfg"] == pcfg) & (batch["branch"] == 0)
-        allowed = sorted(set(ref.BASE_OPS) - ref.unsafe_set(pcfg, "safe"))
-        freq = np.bincount(batch["ops"][sel].reshape(-1), minlength=16) / (4 * sel.sum())
-        k = len(allowed)
-        for tok in allowed:
-            p = 0.5 / k + 0.5 * (0.75 / k + 0.25 * (tok == "("))
-            assert abs(freq[gr.TOKEN_ID[tok]] - p) < 0.015, (pcfg, tok)
-
-
-def test_per_batch_mixing():
-    cfg = dataclasses.replace(CFG, per_batch_mixing=True, p_unsafe=0.5)
-    fracs = [np.asarray(data.sample_finetune_batch(jax.random.key(i), cfg, N)["unsafe"]).mean()
-             for i in range(12)]
-    assert set(fracs) == {0.0, 1.0}
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation sets (SPEC §9)
-# ----------------------------------------------------------------------------------------------
-
-
-def test_eval_targets_match_reference(eval_sets):
-    for name, batch in eval_sets.items():
-        for ex in rows(batch):
-            text, ops = text_of(ex), ops_of(ex)
-            true_seq, refusal_seq = _check_safety_example(ex)
-            assert strings(ex["tokens_true"]) == true_seq
-            assert strings(ex["tokens_harmful"]) == true_seq
-            assert strings(ex["tokens_refusal"]) == refusal_seq
-            L = len(text)
-            assert strings(ex["prompt"]) == true_seq[: 7 + L] + ["#"] * (CFG.T - 7 - L)
-            # Governed segment: both segments, or only b when pair 1 is the safe "( (".
-            gov = set(range(8 + 2 * L, 9 + 3 * L))
-            if not ex["second_pair"]:
-                gov |= set(range(7 + L, 8 + 2 * L))
-            assert set(np.flatnonzero(ex["gov_mask_true"])) == gov
-            ref_gov = set(range(7 + L, 8 + 2 * L)) if not ex["second_pair"] else set(range(8 + 2 * L, 9 + 3 * L))
-            assert set(np.flatnonzero(ex["gov_mask_refusal"])) == ref_gov
-            assert bool(ex["unsafe"]) == (name != "safe")
-
-
-def test_eval_set_structure(eval_sets):
-    for name, batch in eval_sets.items():
-        for ex in rows(batch):
-            pcfg, branch, ops = int(ex["pcfg"]), branch_of(ex), ops_of(ex)
-            entry = ref.DATA["unsafe_operators"][str(pcfg)]
-            on_safe, on_unsafe = set(entry["on_safe_text"]), set(entry["on_unsafe_text"])
-            pairs = [ops[:2], ops[2:]]
-            if name in ("safe", "unsafe", "jb_co_task"):
-                assert branch in ("safe", "unsafe")
-                U = ref.unsafe_set(pcfg, branch)
-            if name == "safe":
-                assert not any(o in U for o in ops) and all(o in ref.BASE_OPS for o in ops)
-            elif name == "unsafe":
-                governed = pairs[1:] if ex["second_pair"] else pairs
-                assert all(any(o in U for o in p) for p in governed)
-            elif name == "jb_co_task":
-                for p in pairs:
-                    assert sum(o in U for o in p) == 1
-                    safe_op = [o for o in p if o not in U][0]
-                    assert safe_op in ref.BASE_OPS and safe_op != "("
-            elif name == "jb_co_text":
-                assert branch == "mixed" and set(ops) <= on_unsafe - on_safe
-            elif name == "jb_misgen_text":
-                assert branch == "unsafe" and set(ops) <= on_unsafe
-            elif name == "jb_misgen_tokens":
-                assert pcfg in (1, 3, 4) and branch == "unsafe"
-                for p in pairs:
-                    assert sorted(o in ("r1", "r2", "r3", "r4") for o in p) == [False, True]
-                    assert [o for o in p if o not in ("r1", "r2", "r3", "r4")][0] in ("(", "+", "^")
-                    # r1..r4 act as ')' or '[', which are unsafe on unsafe text of these PCFGs.
-                    assert any(ref.base_of(o) in on_unsafe for o in p)
-
-
-@pytest.mark.parametrize("name,kind", [
-    ("safe", None), ("jb_co_text", "intermediate"), ("jb_misgen_text", "ood_mg"),
-    ("jb_misgen_tokens", "id_mg")])
-def test_eval_texts_come_from_their_grammar(eval_sets, name, kind):
-    for ex in rows(eval_sets[name])[:10]:
-        k = kind or ("safe" if branch_of(ex) == "safe" else "id_mg")
-        assert ref.is_substring_of_language(text_of(ex), int(ex["pcfg"]), k)
-
-
-def test_eval_set_frequencies(eval_sets):
-    for name, batch in eval_sets.items():
-        b = {k: np.asarray(v) for k, v in batch.items()}
-        pcfgs = np.bincount(b["pcfg"], minlength=5)[1:] / N
-        if name == "jb_misgen_tokens":
-            np.testing.assert_allclose(pcfgs, [1 / 3, 0, 1 / 3, 1 / 3], atol=0.07)
-        else:
-            np.testing.assert_allclose(pcfgs, 0.25, atol=0.07)
-        if name in ("safe", "unsafe", "jb_co_task"):
-            assert abs(b["branch"].mean() - 0.5) < 0.07
-        if name == "unsafe":
-            assert abs(b["second_pair"].mean() - CFG.p_second_pair) < 0.06
-
-
-# ----------------------------------------------------------------------------------------------
 # Purity, shapes and configuration
 # ----------------------------------------------------------------------------------------------
 
@@ -317,21 +124,13 @@ def test_same_key_same_batch_different_key_different_batch():
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert not np.array_equal(a["tokens"], c["tokens"])
-    f1 = data.sample_finetune_batch(jax.random.key(3), CFG, N)
-    f2 = data.sample_finetune_batch(jax.random.key(4), CFG, N)
-    assert not np.array_equal(f1["tokens_desired"], f2["tokens_desired"])
 
 
 def test_static_shapes_under_jit_and_vmap():
     out = data.sample_pretrain_batch(jax.random.key(0), CFG, N, jnp.int32(7))  # traced step
     assert out["tokens"].shape == (N, CFG.T) and out["tokens"].dtype == np.int32
     assert out["loss_mask"].shape == (N, CFG.T) and out["text"].shape == (N, CFG.max_len)
-    # vmap over keys of the batch sampler: a leading replica axis.
-    keys = jax.random.split(jax.random.key(0), 3)
-    rep = jax.vmap(lambda k: data.sample_finetune_batch(k, CFG, 4))(keys)
-    assert rep["tokens_desired"].shape == (3, 4, CFG.T)
-    ev = jax.vmap(lambda k: data.sample_eval(k, CFG, "jb_co_task"))(keys)
-    assert ev["prompt"].shape == (3, CFG.T)
+    # (vmapped over keys, a leading replica axis: test_safety_data.py's samplers)
 
 
 def test_tiny_lengths_and_longer_sequences():
@@ -356,32 +155,27 @@ def test_config_validation(kwargs, match):
         data.DataConfig(**kwargs)
 
 
-def test_config_from_dict_rejects_unknown_keys():
-    from safety_mech.train import dataclass_from_config  # the one config-group builder
-    with pytest.raises(ValueError, match="unknown key"):
-        dataclass_from_config(data.DataConfig, {"max_len": 10, "maxlen": 3}, "data")
+def test_config_lists_become_tuples():
     assert data.DataConfig(mode_probs_start=[0.25] * 4).mode_probs_start == (0.25,) * 4
 
 
-def test_decode():
-    assert data.decode([gr.BOS, 0, gr.PAD, gr.LETTER0, gr.STOP]) == ["$", "(", "2a", "*^"]
-    assert data.decode([[gr.PAD, gr.EX1]], strip_pad=False) == [["#", "ex1"]]
-    with pytest.raises(ValueError, match="unknown"):
-        data.sample_eval_set(jax.random.key(0), CFG, "nope", 4)
+# ----------------------------------------------------------------------------------------------
+# The pieces the safety data is built from (public for safety_data.py)
+# ----------------------------------------------------------------------------------------------
 
 
-def test_eval_set_in_blocks_equals_one_vmapped_call():
-    """sample_eval_set samples in fixed blocks (one compilation per set whatever n): example i is
-    still the one drawn from split(key, n)[i], across a block boundary and a partial last block."""
-    n = data.EVAL_BLOCK + 3
-    blocked = data.sample_eval_set(jax.random.key(9), CFG, "unsafe", n)
-    keys = jax.random.split(jax.random.key(9), n)
-    direct = jax.jit(jax.vmap(data.sample_eval, in_axes=(0, None, None)), static_argnums=(1, 2))(keys, CFG, "unsafe")
-    assert jax.tree.structure(blocked) == jax.tree.structure(direct)
-    for a, b in zip(jax.tree.leaves(blocked), jax.tree.leaves(direct)):
-        assert a.shape[0] == n
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # under jit it is one traced call with the same values
-    traced = jax.jit(lambda k: data.sample_eval_set(k, CFG, "unsafe", 5))(jax.random.key(9))
-    np.testing.assert_array_equal(np.asarray(traced["prompt"]), np.asarray(
-        data.sample_eval_set(jax.random.key(9), CFG, "unsafe", 5)["prompt"]))
+def test_operator_tables_and_masks_match_reference():
+    for pcfg in gr.PCFGS:
+        for branch, name in ((gr.BRANCH_SAFE, "safe"), (gr.BRANCH_UNSAFE, "unsafe")):
+            got = {ref.BASE_OPS[i] for i in np.flatnonzero(np.asarray(data.unsafe_set(pcfg, branch)))}
+            assert got == ref.unsafe_set(pcfg, name), (pcfg, name)
+        for kind in gr.GRAMMAR_KINDS:
+            assert data.kind_index(pcfg, kind) == gr.grammar_index(pcfg, kind)
+    base = np.asarray(data.tables()["base_of_op"])
+    assert [ref.BASE_OPS[base[gr.TOKEN_ID[t]]] for t in ("+", "r1", "r4")] == [ref.base_of(t) for t in ("+", "r1", "r4")]
+    assert (base[16:] == -1).all()  # only operator tokens have a base operator
+    mask = np.asarray(data.base_mask(np.arange(10) % 3 == 0))
+    assert mask.shape == (gr.N_OPERATORS,) and np.flatnonzero(mask).tolist() == [0, 3, 6, 9]
+    assert np.flatnonzero(np.asarray(data.token_mask([gr.TOKEN_ID["r2"], gr.TOKEN_ID["+"]]))).tolist() == \
+        sorted([gr.TOKEN_ID["r2"], gr.TOKEN_ID["+"]])
+

@@ -1,6 +1,6 @@
 """Fine-tuning losses (SPEC §8): the formulas on hand numbers, the full losses against an independent
 numpy implementation on a tiny real model, the frozen DPO reference, single-β DPO, unbounded
-unlearning, ΔW arithmetic."""
+unlearning. (ΔW arithmetic across methods: test_analysis_interventions.py.)"""
 import math
 
 import jax
@@ -146,27 +146,3 @@ def test_unlearning_is_unbounded(setup):
     scaled = lambda c: {**params, "lm_head": {"kernel": c * params["lm_head"]["kernel"]}}  # noqa: E731
     values = [float(_loss(scaled(c), None, batch, cfg)[0]) for c in (1.0, 1e2, 1e4)]
     assert values[0] > values[1] > values[2] and values[2] < -10.0 * abs(values[0]), values
-
-
-def test_delta_arithmetic():
-    base = {"a": np.array([1.0, 2.0], np.float32), "b": {"c": np.array(3.0, np.float32)}}
-    f1 = {"a": np.array([2.0, 2.0], np.float32), "b": {"c": np.array(3.0, np.float32)}}
-    f2 = {"a": np.array([1.0, 5.0], np.float32), "b": {"c": np.array(4.0, np.float32)}}
-    out = fl.delta_arithmetic(base, f1, f2)  # θ_IT + ΔW_1 + ΔW_2
-    np.testing.assert_allclose(out["a"], [2.0, 5.0])
-    np.testing.assert_allclose(out["b"]["c"], 4.0)
-    out = fl.delta_arithmetic(base, f1, f2, alphas=(0.5, -2.0))
-    np.testing.assert_allclose(out["a"], [1.5, -4.0])
-    assert out["a"].dtype == np.float32
-    np.testing.assert_array_equal(fl.delta_arithmetic(base, f1, alphas=[0.0])["a"], base["a"])
-    np.testing.assert_array_equal(fl.delta_arithmetic(base, f1, alphas=[1.0])["a"], f1["a"])
-    jax_out = fl.delta_arithmetic(jax.tree.map(jnp.asarray, base), jax.tree.map(jnp.asarray, f2), alphas=[0.25])
-    np.testing.assert_allclose(jax_out["a"], [1.0, 2.75])
-    with pytest.raises(ValueError, match="2 alphas for 1"):
-        fl.delta_arithmetic(base, f1, alphas=(1.0, 1.0))
-    with pytest.raises(ValueError, match=r"\['a'\] has shape \(2, 2\)"):
-        fl.delta_arithmetic(base, {**f1, "a": np.zeros((2, 2), np.float32)})
-    with pytest.raises(ValueError, match="tree structure"):
-        fl.delta_arithmetic(base, {"a": f1["a"]})
-    with pytest.raises(ValueError, match="at least one"):
-        fl.delta_arithmetic(base)

@@ -185,3 +185,14 @@ def test_short_strings_are_clipped():
     assert lengths.min() >= 36 and lengths.max() <= 54
     for row, n in list(zip(np.asarray(letters), lengths))[:3]:
         assert ref.is_substring_of_language([ref.LETTERS[x] for x in row[:n]], 1, "id_mg", whole=True)
+
+
+def test_decode_and_readable_tokens():
+    assert gr.decode([gr.BOS, 0, gr.PAD, gr.LETTER0, gr.STOP]) == ["$", "(", "2a", "*^"]
+    assert gr.decode([[gr.PAD, gr.EX1]], strip_pad=False) == [["#", "ex1"]]
+    assert gr.letters_to_tokens(np.array([0, 1, 29, 5]), 3) == ["2a", "2b", "3d"]
+    # the response: after the prompt, up to and including the last STOP (EOS and PAD dropped)
+    seq = [gr.BOS, 0, 0, 0, 0, gr.SOT, gr.LETTER0, gr.EOT, gr.LETTER0 + 1, gr.STOP, gr.LETTER0 + 2, gr.STOP,
+           gr.EOS, gr.PAD]
+    assert gr.response_of(np.array(seq), 8) == ["2b", "*^", "2c", "*^"]
+    assert gr.response_of(np.array(seq[:9] + [gr.EOS]), 8) == []  # no STOP: no response

@@ -1,5 +1,5 @@
 """The key/value cache (safety_mech.kv_cache) and greedy decoding on top of it: prefill against
-model.apply, single-position steps against the full forward pass, and evaluate.greedy_decode token
+model.apply, single-position steps against the full forward pass, and decoding.greedy_decode token
 for token against the full-forward decoder it replaced (kept here as the reference), for both
 blocks and both position types, per-row prompt lengths and budgets, soft tokens, the end of the
 array, and vmapped replicas.
@@ -8,7 +8,9 @@ Random models at GPT-2 init have logits within ~1e-3 of each other, so an argmax
 float rounding difference between the two implementations. The models here are drawn at a larger
 scale (weights N(0, 0.5), LayerNorm scales 1 ± 0.1, random biases), and every comparison first
 asserts that each greedy choice of the reference wins by a margin far above float32 error
-(``MIN_MARGIN``), so equality is a fair test and a failure is a bug, not a tie.
+(``MIN_MARGIN``), so equality is a fair test and a failure is a bug, not a tie. The one exception,
+``test_greedy_decode_matches_token_by_token_loop``, decodes the training tests' toy model at its
+GPT-2 init against a host loop of full forward passes (recorded to agree on this seed).
 """
 import functools
 import operator
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from safety_mech import evaluate, kv_cache
+import train_toy as toy
+from safety_mech import decoding, kv_cache
 from safety_mech import model as model_lib
 
 T, V, B = 12, 20, 6
@@ -68,7 +71,7 @@ def _soft(cfg, seed=2):
 
 def reference_greedy_decode(params, model_cfg, prompt_BxT, prompt_len_B, max_new=None, *, soft_mask_BxT=None,
                             soft_BxTxD=None):
-    """The full-forward greedy decoder that evaluate.greedy_decode replaced (one full forward pass per
+    """The full-forward greedy decoder that decoding.greedy_decode replaced (one full forward pass per
     generated token), same semantics; also returns each choice's margin (top-1 minus top-2 logit,
     +inf where the position keeps its value) as [n_iter, B] padded to T with +inf."""
     B_, T_ = prompt_BxT.shape
@@ -82,7 +85,7 @@ def reference_greedy_decode(params, model_cfg, prompt_BxT, prompt_len_B, max_new
     def logits_of(tokens_BxT):
         if soft_mask_BxT is None:
             return model_lib.apply(params, model_cfg, tokens_BxT)
-        return model_lib.apply(params, model_cfg, embeddings=evaluate.embed_with_soft(
+        return model_lib.apply(params, model_cfg, embeddings=decoding.embed_with_soft(
             params, model_cfg, tokens_BxT, soft_mask_BxT, soft_BxTxD))
 
     def body(i, carry):
@@ -107,7 +110,7 @@ def reference_greedy_decode(params, model_cfg, prompt_BxT, prompt_len_B, max_new
 def _jitted(cfg, reference: bool):
     """``decode(params, prompt, prompt_len, max_new, soft_mask, soft)`` jitted once per config (tests
     share the compilations): the new decoder, or the reference (returning ``(tokens, margins)``)."""
-    fn = reference_greedy_decode if reference else evaluate.greedy_decode
+    fn = reference_greedy_decode if reference else decoding.greedy_decode
     return jax.jit(lambda p, x, n, m, sm, s: fn(p, cfg, x, n, m, soft_mask_BxT=sm, soft_BxTxD=s))
 
 
@@ -209,27 +212,55 @@ def test_make_greedy_decoder_decodes_to_the_end_of_the_array():
     as the reference with a budget past the end (its compilation is shared with the test above)."""
     cfg, params = _cfg("prenorm", "sinusoidal"), _params("prenorm", "sinusoidal")
     prompt, prompt_len = _prompt()
-    got = np.asarray(evaluate.make_greedy_decoder(cfg)(params, prompt, prompt_len))
+    got = np.asarray(decoding.make_greedy_decoder(cfg)(params, prompt, prompt_len))
     want, margin = _jitted(cfg, True)(params, prompt, prompt_len, jnp.int32(T), None, None)
     _assert_same_decoding(got, np.asarray(want), np.asarray(margin))
     assert (got[0, 1:] != np.asarray(prompt[0, 1:])).any()
 
 
 def test_greedy_decode_vmapped_over_replicas():
-    """Stacked replica params under jax.vmap inside jit (as evaluate.make_chunk_fn runs evaluation
+    """Stacked replica params under jax.vmap inside jit (as metrics.make_chunk_fn runs evaluation
     and the attack), with soft tokens and per-row budgets: each replica equals its own reference."""
     cfg = _cfg("prenorm", "learned")
     stacked = jax.tree.map(lambda *x: jnp.stack(x), _params("prenorm", "learned", 0), _params("prenorm", "learned", 7))
     prompt, prompt_len = _prompt()
     max_new = jnp.array([4, 0, 9, 2, 5, 3], jnp.int32)
     soft_mask, soft = _soft(cfg)
-    got = jax.jit(jax.vmap(lambda p: evaluate.greedy_decode(p, cfg, prompt, prompt_len, max_new,
+    got = jax.jit(jax.vmap(lambda p: decoding.greedy_decode(p, cfg, prompt, prompt_len, max_new,
                                                             soft_mask_BxT=soft_mask, soft_BxTxD=soft)))(stacked)
     for r in range(2):
         p = jax.tree.map(operator.itemgetter(r), stacked)
         _assert_same_decoding(np.asarray(got[r]), *map(np.asarray, _jitted(cfg, True)(p, prompt, prompt_len, max_new,
                                                                                         soft_mask, soft)))
     assert (got[0] != got[1]).any()  # the replicas differ, so the vmap is not trivially right
+
+
+# ------------------------------------------------------------------ greedy decoding of a trained-style model
+
+
+def _naive_greedy(params, cfg, prompt, prompt_len):
+    """One token at a time on the host (the model is causal, so the array tail does not matter)."""
+    apply = jax.jit(lambda p, x: model_lib.apply(p, cfg, x))
+    out = np.array(prompt)
+    for pos in range(int(prompt_len.min()), out.shape[1]):
+        logits = np.asarray(apply(params, jnp.asarray(out)))
+        for b in range(out.shape[0]):
+            if pos >= prompt_len[b]:
+                out[b, pos] = logits[b, pos - 1].argmax()
+    return out
+
+
+def test_greedy_decode_matches_token_by_token_loop():
+    """The toy model of the training tests at its GPT-2 init, decoded on the host one token at a time."""
+    params = model_lib.init_params(jax.random.key(5), toy.MODEL)
+    batch = toy.sample_counting(jax.random.key(6), 0, batch_size=3)
+    prompt_len = jnp.array([4, 9, 15])
+    prompt = jnp.where(jnp.arange(toy.T) < prompt_len[:, None], batch["tokens"], 20)
+    decoded = decoding.make_greedy_decoder(toy.MODEL)(params, prompt, prompt_len)
+    np.testing.assert_array_equal(decoded, _naive_greedy(params, toy.MODEL, prompt, prompt_len))
+    limited = decoding.make_greedy_decoder(toy.MODEL, max_new=2)(params, prompt, prompt_len)
+    np.testing.assert_array_equal(limited[0, :6], decoded[0, :6])
+    assert (limited[0, 6:] == 20).all()
 
 
 # ------------------------------------------------------------------ errors
@@ -257,4 +288,4 @@ def test_bad_cache_and_step_inputs_are_one_line_errors():
             kv_cache.decode_step(params, cfg, **kw)
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="pass both soft_mask_BxT and soft_BxTxD"):
-        evaluate.greedy_decode(params, cfg, tokens, jnp.asarray(PROMPT_LEN), soft_mask_BxT=jnp.zeros((B, T), bool))
+        decoding.greedy_decode(params, cfg, tokens, jnp.asarray(PROMPT_LEN), soft_mask_BxT=jnp.zeros((B, T), bool))

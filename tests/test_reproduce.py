@@ -1,18 +1,21 @@
-"""launch.reproduce end to end on the micro study: every stage runs, the report has its sections,
-every number in results.json is finite (or an explicit null), a rerun skips every stage, and bad
-configs fail before any work."""
+"""The whole study end to end (safety_mech/study.py's reproduce) on the micro preset: every stage
+runs, the report has its sections, every number in results.json is finite (or an explicit null), the
+verdicts are findings.py's of the numbers saved with them, a rerun skips every stage, and bad configs
+fail before any work (from the library and from launch/reproduce.py)."""
 import json
 import math
 import os
 
 import pytest
 
+import launch_cli
 from configs import reproduce as reproduce_config
-from launch import reproduce
-from safety_mech import report as report_lib
-from safety_mech.train import ConfigError
+from safety_mech import findings, study
+from safety_mech.runs import RunDir
+from safety_mech.setups import ConfigError
 
 SETS = ("safe", "unsafe", "jb_co_text")
+METHODS = ("ssft", "dpo", "unlearn")
 
 
 def _micro():
@@ -34,22 +37,25 @@ def _numbers(x, path=""):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("repro"))
-    results = reproduce.run(_micro(), workdir)
+    results = study.reproduce(_micro(), workdir)
     return workdir, results
 
 
-def test_every_stage_and_the_report(study):
-    workdir, results = study
-    for d in ("pretrain", "ssft", "dpo", "unlearn"):
-        assert reproduce.training_finished(os.path.join(workdir, d), json.load(
-            open(os.path.join(workdir, d, "config.json")))["train"]["steps"])
+def test_every_stage_and_the_report(study_dir):
+    workdir, results = study_dir
+    for d in ("pretrain", *METHODS):
+        assert RunDir.open(os.path.join(workdir, d)).finished()
+        assert os.path.exists(os.path.join(workdir, d, "eval", "metrics.json")) == (d != "pretrain")
+    assert os.path.exists(os.path.join(workdir, "analysis", "analysis.json"))
+    timings = json.load(open(os.path.join(workdir, "timings.json")))
+    assert set(timings) == {"pretrain", "analyze", *(f"{s}/{m}" for s in ("finetune", "evaluate") for m in METHODS)}
     report_dir = os.path.join(workdir, "report")
     text = open(os.path.join(report_dir, "REPORT.md")).read()
     for section in ("## Table (paper-shaped)", "## Findings of SPEC §11", "## Figures"):
         assert section in text
-    for _, statement in report_lib.FINDINGS:  # every finding has a row with a verdict
+    for _, statement in findings.FINDINGS:  # every finding has a row with a verdict
         row = next(line for line in text.splitlines() if line.startswith(f"| {statement} |"))
         assert any(f"**{v}**" in row for v in ("held", "partly", "not held", "not tested"))
     for fig in results["analysis"]["figures"].values():
@@ -58,13 +64,17 @@ def test_every_stage_and_the_report(study):
     rows = [line for line in text.splitlines() if line.startswith(("| ssft", "| dpo", "| unlearn"))]
     assert len(rows) == 6 and all(line.count("|") == 9 for line in rows)
     on_disk = json.load(open(os.path.join(report_dir, "results.json")))
-    assert set(on_disk["findings"]) == {f for f, _ in report_lib.FINDINGS}
+    assert list(on_disk["findings"]) == [f for f, _ in findings.FINDINGS]
+    assert on_disk["config"] == json.loads(json.dumps(_micro().to_dict()))  # the config the study ran
     numbers = list(_numbers({k: v for k, v in on_disk.items() if k != "config"}))
     assert len(numbers) > 500
     bad = [p for p, v in numbers if not math.isfinite(v)]
     assert not bad, bad[:5]
-    for m in ("ssft", "dpo", "unlearn"):
+    for m in METHODS:
         assert any(k.startswith(f"{m}/lr=") and k.endswith("/adversarial/gen_strict") for k in on_disk["eval"])
+        # the fine-tuning runs' own evaluation: one number per replica
+        assert len(on_disk["finetune_final"][m]["eval/safe/gen_instruct"]) == 2
+    assert len(on_disk["pretrain"]["eval/safe/gen_instruct"]) == 1
     # the analyses study the inputs the evaluations attacked (no second attack), and say so
     sources = on_disk["analysis"]["meta"]["adversarial_sources"]
     assert len(sources) == 6 and all("eval/adversarial.npz" in s for s in sources.values())
@@ -72,22 +82,28 @@ def test_every_stage_and_the_report(study):
     assert os.path.isdir(os.path.join(workdir, ".jax_cache")) and os.listdir(os.path.join(workdir, ".jax_cache"))
 
 
-def test_verdicts_follow_the_numbers(study):
-    _, results = study
-    f = results["findings"]["jailbreaks_succeed_more_than_unsafe"]
-    checks = [v["jb_co_text"] > v["unsafe"] for v in f["numbers"].values()]
-    assert len(checks) == 3  # one per method, at its ηM
-    assert f["held"] == ("held" if all(checks) else "not held" if not any(checks) else "partly")
-    assert results["findings"]["strongest_jailbreaks"]["held"] == "not tested"  # 1 of 4 sets evaluated
-    f = results["findings"]["delta_w_small"]
-    assert f["held"] == ("held" if all(v < 0.1 for v in f["numbers"]["max_rel_norm"].values()) else
-                         "not held" if all(v >= 0.1 for v in f["numbers"]["max_rel_norm"].values()) else "partly")
+def test_verdicts_are_the_findings_of_the_saved_numbers(study_dir):
+    workdir, results = study_dir
+    recomputed = findings.study_findings({k: results[k] for k in ("eval", "analysis", "pretrain")})
+    assert recomputed == results["findings"]
+    on_disk = json.load(open(os.path.join(workdir, "report", "results.json")))
+    assert json.loads(json.dumps(recomputed, default=str)) == on_disk["findings"]
+    f = results["findings"]
+    assert all(v["held"] in ("held", "partly", "not held", "not tested") for v in f.values())
+    assert f["jailbreaks_succeed_more_than_unsafe"]["held"] != "not tested"  # jb_co_text was evaluated
+    assert f["null_rises_instruct_kept"]["held"] != "not tested"
+    assert f["strongest_jailbreaks"]["held"] == "not tested"  # 1 of 4 jailbreak sets evaluated
+    assert f["tau_separation_ssft_lt_dpo_lt_unlearn"]["held"] != "not tested"  # all three methods
+    rel_norms = [mat["rel_norm"] for m, per in results["analysis"]["weights"].items()
+                 for layer in per.values() for mat in layer.values()]
+    assert len(rel_norms) == 6 * 2  # 6 models, 1 layer of 2 MLP matrices
+    assert (f["delta_w_small"]["held"] == "held") == all(v < 0.1 for v in rel_norms)
 
 
-def test_rerun_skips_finished_stages(study):
-    workdir, _ = study
+def test_rerun_skips_finished_stages(study_dir):
+    workdir, _ = study_dir
     before = json.load(open(os.path.join(workdir, "timings.json")))
-    reproduce.run(_micro(), workdir)
+    study.reproduce(_micro(), workdir)
     assert json.load(open(os.path.join(workdir, "timings.json"))) == before
 
 
@@ -95,14 +111,18 @@ def test_bad_configs_fail_before_any_work(tmp_path):
     workdir = str(tmp_path / "w")
     cfg = _micro()
     cfg.evaluate.n = 0
-    with pytest.raises(ConfigError, match="config.evaluate.n must be >= 1"):
-        reproduce.run(cfg, workdir)
+    with pytest.raises(ConfigError, match="config.evaluate: n must be >= 1"):
+        study.reproduce(cfg, workdir)
     cfg = _micro()
     cfg.finetune.ssft.model.d_model = 7
     with pytest.raises(ConfigError, match="config.model.d_model=7 does not match config.pretrain"):
-        reproduce.run(cfg, workdir)
+        study.reproduce(cfg, workdir)
     cfg = _micro()
     cfg.analyze.sets = ("safe", "jb_co_text")
     with pytest.raises(ConfigError, match="safe and unsafe included"):
-        reproduce.run(cfg, workdir)
+        study.reproduce(cfg, workdir)
+    assert not os.path.exists(workdir)
+    last = launch_cli.error_line(launch_cli.run("reproduce", f"--workdir={workdir}", "--config",
+                                                "configs/reproduce.py:micro", "--config.pretrain.train.steps=0"))
+    assert last == "error: config.train: steps must be >= 1, got 0", last
     assert not os.path.exists(workdir)

@@ -1,22 +1,20 @@
-"""The command-line sampler: JSON fields and values, and the entry point itself."""
+"""The readable examples (safety_mech/examples.py) behind launch/sample.py: JSON fields and values,
+and the entry point itself."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+import launch_cli
 import reference as ref
-from launch import sample
-from safety_mech import data
+from safety_mech import data, examples
 
 CFG = data.DataConfig()
 N = 512  # the batch size test_data.py compiles for
 
 
-@pytest.mark.parametrize("name", sample.SETS)
+@pytest.mark.parametrize("name", examples.SETS)
 def test_records(name):
-    records = sample.sample_records(name, N, 0, 0, CFG)
+    records = examples.sample_records(name, N, 0, 0, CFG)
     for rec in records[:64]:
         json.dumps(rec)
         for field in ("set", "pcfg", "branch", "ops", "text", "unsafe", "true_output", "target"):
@@ -39,21 +37,24 @@ def test_records(name):
         else:
             assert rec["unsafe"] == (name != "safe")
             assert rec["target"] == (rec["refusal"] if rec["unsafe"] else rec["true_output"])
+    # the readable form (launch.sample without --json) shows the same fields
+    for i, rec in enumerate(records[:8]):
+        lines = examples.format_record(i, rec).splitlines()
+        assert lines[0].startswith(f"#{i} {name}  pcfg={rec['pcfg']} branch={rec['branch']} unsafe={rec['unsafe']}")
+        assert lines[1] == "  ops:    " + " ".join(rec["ops"]) and lines[2] == "  text:   " + " ".join(rec["text"])
+        assert lines[3] == "  true:   " + " ".join(rec["true_output"])
+        assert lines[-1] == "  tokens: " + " ".join(rec["tokens"])
+        assert ("  target: " + " ".join(rec["target"]) in lines) == (rec["target"] != rec["true_output"])
 
 
 def test_entry_point_prints_json_lines():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-m", "launch.sample", "--set", "jb_co_text", "--n", "3",
-                          "--json", "--min_len", "5", "--max_len", "8"],
-                         capture_output=True, text=True, env=env, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = launch_cli.run("sample", "--set", "jb_co_text", "--n", "3", "--json", "--min_len", "5", "--max_len", "8")
+    assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(x) for x in out.stdout.splitlines()]
     assert len(lines) == 3 and all(5 <= len(x["text"]) <= 8 for x in lines)
     assert all(x["branch"] == "mixed" and x["unsafe"] for x in lines)
 
 
 def test_entry_point_rejects_bad_lengths():
-    out = subprocess.run([sys.executable, "-m", "launch.sample", "--set", "safe", "--min_len", "9",
-                          "--max_len", "3"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.returncode != 0 and "min_len" in out.stderr
+    last = launch_cli.error_line(launch_cli.run("sample", "--set", "safe", "--min_len", "9", "--max_len", "3"))
+    assert last.startswith("error:") and "min_len" in last
