@@ -29,22 +29,6 @@ def collect(pretrain_dir: str, finetune_dirs: dict, analysis_dir: str, timings: 
     return results
 
 
-def _rounded(x):
-    if isinstance(x, float):
-        return float(f"{x:.3g}")
-    if isinstance(x, dict):
-        return {k: _rounded(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_rounded(v) for v in x]
-    return x
-
-
-def _short(numbers, limit: int = 220) -> str:
-    text = json.dumps(_rounded(numbers), default=lambda x: None)
-    text = text.replace('"', "")
-    return text if len(text) <= limit else text[:limit] + " …"
-
-
 FIGURE_READINGS = {
     "tau": "τ = ‖a − μ_U‖ − ‖a − μ_S‖ per layer (positive: nearer the safe cluster). After safety fine-tuning, "
            "safe and unsafe inputs should separate, more in deeper layers.",
@@ -71,7 +55,7 @@ def _reading(fig_name: str, found: dict) -> str:
     text = FIGURE_READINGS.get(fig_name, "See analysis.json for the numbers behind this figure.")
     f = found.get(FIGURE_FINDINGS.get(fig_name, ""))
     if f:
-        text += f" Here: *{f['statement']}* — **{f['held']}** ({_short(f['numbers'], 300)})."
+        text += f" Here: *{f['statement']}* — **{f['held']}**: {f['effect']}."
     return text
 
 
@@ -105,10 +89,12 @@ def markdown(results: dict, config: dict | None = None) -> str:
         sweep = tables.sweep_table([results["eval"]], axis)
         if sweep:
             lines += [f"Soft-token attack, strict success vs {axis}:", "", sweep, ""]
-    lines += ["## Findings of SPEC §11", "", "| finding | verdict | deciding numbers | rule |", "|---|---|---|---|"]
+    lines += ["## Findings of SPEC §11", "", "| finding | verdict | effect [95% interval] | rule |", "|---|---|---|---|"]
     for f in results["findings"].values():
-        lines.append(f"| {f['statement']} | **{f['held']}** | {_short(f['numbers'])} | {f['rule']} |")
-    lines += ["", "Full numbers for every verdict: `results.json` → `findings`.", "", "## Figures", ""]
+        lines.append(f"| {f['statement']} | **{f['held']}** | {f['effect']} | {f['rule']} |")
+    lines += ["", "A finding is held when every check shows the effect with its 95% interval clear of no effect and its "
+              "size at least the rule's threshold; partly when some do. Every check's numbers: `results.json` → "
+              "`findings`.", "", "## Figures", ""]
     for name, fig in results["analysis"].get("figures", {}).items():
         lines += [f"### {name}", "", f"![{name}]({fig})", "", _reading(name, results["findings"]), ""]
     meta = results["analysis"].get("meta", {})
@@ -125,6 +111,6 @@ def markdown(results: dict, config: dict | None = None) -> str:
 
 def write(report_dir: str, results: dict, config: dict | None = None) -> None:
     """``results.json`` and ``REPORT.md`` in ``report_dir`` (written atomically)."""
-    files.write_text(os.path.join(report_dir, "results.json"),
-                     json.dumps({**results, "config": config}, indent=1, default=str))
+    clean = files.sanitize(json.loads(json.dumps({**results, "config": config}, default=str)))  # NaN -> null
+    files.write_json(os.path.join(report_dir, "results.json"), clean)
     files.write_text(os.path.join(report_dir, "REPORT.md"), markdown(results, config))
