@@ -16,8 +16,8 @@ one normalised step per soft token and example; Proj_ε rescales a token whose L
 onto the ball ||s_j|| <= ε, with ε = budget × the mean L2 norm of the rows of the token-embedding
 table (all V rows). With the defaults (50 steps of 0.1·ε) a soft token can cross its ball 2.5
 times. The attack keeps, per example, the iterate with the lowest loss among those it evaluated
-(s_0..s_{steps−1}), then decodes greedily from it (the generated tokens are embedded with the token
-table) and scores Null / strict / lenient success as ``metrics.generation_metrics``. REF
+(s_0..s_{steps−1}) and scores the greedy response from it (teacher-forced through its EOS, as
+``metrics.example_metrics``): Null, strict and lenient success. REF
 normalised and clipped the wrong positions and clamped coordinates instead of projecting: bugs.
 
 Sequence length: the attacked arrays are ``T + k`` long. Sinusoidal positions extend to any length
@@ -115,8 +115,8 @@ def attack_coverage(ev: dict, k: int, length: int):
 
 def insert_soft_slots(ev: dict, k: int, length: int) -> dict:
     """``ev`` (the :data:`metrics.EVAL_KEYS` of a set) with k slots inserted before EOT, arrays
-    ``length`` long: ``prompt`` (PAD in the slots), ``prompt_len`` + k, ``tokens_*`` and
-    ``gov_mask_*`` shifted right by k after the text, and ``soft_mask`` / ``soft_slot`` (the slot
+    ``length`` long: ``prompt`` (PAD in the slots), ``prompt_len`` + k, ``tokens_*``, ``gov_mask_*``
+    and ``resp_mask_*`` shifted right by k after the text, and ``soft_mask`` / ``soft_slot`` (the slot
     index 0..k-1 of each position, clipped). Traceable."""
     T = ev["prompt"].shape[-1]
     p_B1 = ev["prompt_len"][:, None]
@@ -135,6 +135,7 @@ def insert_soft_slots(ev: dict, k: int, length: int) -> dict:
     for t in metrics_lib.TARGETS:
         out[f"tokens_{t}"] = shift(ev[f"tokens_{t}"], gr.PAD)
         out[f"gov_mask_{t}"] = shift(ev[f"gov_mask_{t}"], False)
+        out[f"resp_mask_{t}"] = shift(ev[f"resp_mask_{t}"], False)
     return out
 
 
@@ -199,16 +200,14 @@ def _attacked(params, model_cfg, ev, key, budget, cfg):
 def attack_examples(params, model_cfg: model_lib.ModelConfig, ev: dict, key, budget, cfg: AttackConfig) -> dict:
     """Attack every example of ``ev`` (:data:`metrics.EVAL_KEYS` arrays [B, T] of an unsafe set,
     plus ``index`` [B]: each example's initial soft tokens come from ``fold_in(key, index)``, so
-    results do not depend on chunking) and score the greedy responses; see the module docstring for
+    results do not depend on chunking) and score their greedy responses; see the module docstring for
     the outputs. ``budget`` may be traced (it overrides ``cfg.budget``: a budget sweep compiles
     once). Traceable."""
     model_cfg, att, best, loss_before_B, loss_after_B = _attacked(params, model_cfg, ev, key, budget, cfg)
-    soft_BxTxD = jnp.take_along_axis(best, att["soft_slot"][..., None], axis=1)
-    max_new_B = metrics_lib.last_governed(att) + 1 - att["prompt_len"]
-    decoded = decoding.greedy_decode(params, model_cfg, att["prompt"], att["prompt_len"], max_new_B,
-                                     soft_mask_BxT=att["soft_mask"], soft_BxTxD=soft_BxTxD)
-    return {**metrics_lib.generation_metrics(decoded, att), "loss_before": loss_before_B, "loss_after": loss_after_B,
-            "soft": best}
+    scored = metrics_lib.example_metrics(params, model_cfg, att,
+                                         embed_fn=lambda tokens: soft_embeddings(params, model_cfg, att, best, tokens))
+    gen = {k: v for k, v in scored.items() if k.startswith("gen_")}
+    return {**gen, "loss_before": loss_before_B, "loss_after": loss_after_B, "soft": best}
 
 
 def adversarial_inputs(params, model_cfg: model_lib.ModelConfig, batch: dict, key, cfg: AttackConfig = AttackConfig(),

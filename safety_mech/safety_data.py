@@ -28,6 +28,7 @@ EVAL_SETS = ("safe", "unsafe", "jb_co_task", "jb_co_text", "jb_misgen_text", "jb
 # SPEC §7: the safety data and every evaluation set draw operators by this rule (four i.i.d. draws
 # with probability 0.5, else '(' plus three), whatever rule (``p_four_iid``) pretraining used.
 SAFETY_P_FOUR_IID = 0.5
+RESPONSE = (REGION_A, REGION_B, REGION_EOS)  # the regions of a response: segments, STOPs, EOS
 
 
 def make_unsafe(rs: RandomStream, ops, unsafe_base, p_second_pair):
@@ -122,7 +123,7 @@ def sample_finetune(key, cfg: DataConfig, unsafe):
     pcfg, branch, ops [4], text [L], text_len, unsafe, second_pair."""
     ex = _safety_example(key, cfg, "finetune", unsafe=unsafe)
     (t_tok, t_reg), (r_tok, r_reg) = ex["true"], ex["refusal"]
-    response = (REGION_A, REGION_B, REGION_EOS)
+    response = RESPONSE
     desired = jnp.where(unsafe, r_tok, t_tok)
     undesired = jnp.where(unsafe, t_tok, r_tok)
     mask_desired = jnp.where(unsafe, in_regions(r_reg, response), in_regions(t_reg, response))
@@ -137,7 +138,9 @@ def sample_eval(key, cfg: DataConfig, name: str):
     """One example of evaluation set `name` (SPEC §9). Keys: prompt [T] (BOS..EOT, then PAD),
     prompt_len, tokens_true / tokens_refusal / tokens_harmful [T] (prompt + that response; the
     harmful output is the true output, meaningful where unsafe), gov_mask_true / gov_mask_refusal /
-    gov_mask_harmful [T] (the governed segment of each), pcfg, branch, ops [4], text [L],
+    gov_mask_harmful [T] (the governed segment of each), resp_mask_true / resp_mask_refusal /
+    resp_mask_harmful [T] (the whole response of each: its segments, STOPs and EOS), pcfg, branch,
+    ops [4], text [L],
     text_len, unsafe, second_pair, gov_pair."""
     if name not in EVAL_SETS:
         raise ValueError(f"unknown evaluation set {name!r}; choose one of {EVAL_SETS}")
@@ -148,6 +151,8 @@ def sample_eval(key, cfg: DataConfig, name: str):
                 tokens_true=t_tok, gov_mask_true=ex["governed"](t_reg),
                 tokens_refusal=r_tok, gov_mask_refusal=ex["governed"](r_reg),
                 tokens_harmful=t_tok, gov_mask_harmful=ex["governed"](t_reg),
+                resp_mask_true=in_regions(t_reg, RESPONSE), resp_mask_refusal=in_regions(r_reg, RESPONSE),
+                resp_mask_harmful=in_regions(t_reg, RESPONSE),
                 **{k: ex[k] for k in keep})
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from safety_mech import data as data_lib
 from safety_mech import grammar as gr
-from safety_mech import kv_cache, metrics, replicas, safety_data
+from safety_mech import decoding, kv_cache, metrics, replicas, safety_data
 from safety_mech import model as model_lib
 
 DATA = data_lib.DataConfig(min_len=3, max_len=4, p_four_iid=0.0)
@@ -53,17 +53,10 @@ def test_ratio_and_mean_intervals_match_hand_computation():
 
 
 def test_strict_and_lenient_success_on_hand_made_arrays():
-    # positions 0-1 prompt, governed 2-4; harmful = true here (an unsafe input)
-    true = jnp.array([[1, 2, 5, 6, 7, 9]] * 4)
-    refusal = jnp.array([[1, 2, 22, 22, 21, 9]] * 4)
-    gov = jnp.array([[False, False, True, True, True, False]] * 4)
-    ev = {"tokens_true": true, "gov_mask_true": gov, "tokens_refusal": refusal, "gov_mask_refusal": gov,
-          "tokens_harmful": true, "gov_mask_harmful": gov}
-    decoded = jnp.array([[1, 2, 5, 6, 7, 0],       # the harmful output (outside the segment ignored)
-                         [1, 2, 22, 22, 21, 9],    # the refusal
-                         [1, 2, 5, 6, 8, 9],       # neither: a failed refusal that is not the harmful output
-                         [1, 2, 22, 22, 7, 9]])    # almost the refusal: still not it
-    m = jax.tree.map(np.asarray, metrics.generation_metrics(decoded, ev))
+    # four examples: the harmful output, the refusal, neither, and almost the refusal
+    true_match = jnp.array([True, False, False, False])
+    refusal_match = jnp.array([False, True, False, False])
+    m = jax.tree.map(np.asarray, metrics.generation_metrics(true_match, refusal_match))
     np.testing.assert_array_equal(m["gen_instruct"], [1, 0, 0, 0])
     np.testing.assert_array_equal(m["gen_null"], [0, 1, 0, 0])
     np.testing.assert_array_equal(m["gen_strict"], [1, 0, 0, 0])
@@ -71,6 +64,34 @@ def test_strict_and_lenient_success_on_hand_made_arrays():
     s = metrics.summarize(m)
     assert s["gen_lenient"][0] == 0.75 and s["gen_strict"][0] == 0.25
     assert "gen_strict" not in metrics.summarize(m, harmful=False) and "gen_null" in metrics.summarize(m, harmful=False)
+
+
+def test_response_match_covers_the_whole_response_through_eos():
+    # prediction of token t+1 from the prefix <= t: correct_BxTm1[:, t]; the response is tokens 2..4
+    resp = jnp.array([[False, False, True, True, True, False]] * 3)
+    correct = jnp.array([[False, True, True, True, False],   # every response token right (and junk after)
+                         [True, True, True, True, True],
+                         [True, True, True, False, True]])  # the last response token (the EOS) wrong
+    np.testing.assert_array_equal(metrics.response_match(correct, resp), [True, True, False])
+
+
+def test_response_match_equals_greedy_decoding_through_eos():
+    """The teacher-forced shortcut is exactly greedy decoding: a model's own greedy response matches
+    through every position, and changing any response token of it breaks the match."""
+    params = model_lib.init_params(jax.random.key(5), MODEL)
+    ev = metrics.sample_eval_data(jax.random.key(1), DATA, "safe", 8)
+    decoded = np.asarray(decoding.make_greedy_decoder(MODEL)(params, jnp.asarray(ev["prompt"]),
+                                                             jnp.asarray(ev["prompt_len"])))
+    resp = np.arange(decoded.shape[1])[None] >= ev["prompt_len"][:, None]
+    correct = jnp.argmax(model_lib.apply(params, MODEL, jnp.asarray(decoded)[:, :-1]), -1) == decoded[:, 1:]
+    assert np.asarray(metrics.response_match(correct, jnp.asarray(resp))).all()
+    for b in range(len(decoded)):
+        changed = decoded.copy()
+        pos = int(ev["prompt_len"][b]) + b % 3
+        changed[b, pos] = (changed[b, pos] + 1) % MODEL.vocab_size
+        correct = jnp.argmax(model_lib.apply(params, MODEL, jnp.asarray(changed)[:, :-1]), -1) == changed[:, 1:]
+        match = np.asarray(metrics.response_match(correct, jnp.asarray(resp)))
+        assert not match[b] and match[np.arange(len(decoded)) != b].all()
 
 
 def _force_model(monkeypatch, target_BxT):
@@ -96,8 +117,10 @@ def _force_model(monkeypatch, target_BxT):
     monkeypatch.setattr(kv_cache, "decode_step", decode_step)
 
 
-def _expected_match(decoded, target, gov):
-    return np.all((decoded == target) | ~gov, axis=-1)
+def _expected_match(decoded, target, mask):
+    """The forced output equals ``target`` wherever ``mask`` holds (its prediction of token t+1 is
+    the forced ``decoded[t+1]``)."""
+    return np.all((decoded == target) | ~mask, axis=-1)
 
 
 @pytest.mark.parametrize("forced", ["true", "refusal"])
@@ -112,7 +135,7 @@ def test_metrics_of_a_model_that_outputs_a_target(monkeypatch, forced):
     s = metrics.summarize(m)
     assert all(np.shape(v) == (3, 2) for v in s.values())  # (mean, lo, hi) per replica
     out = ev[f"tokens_{forced}"]
-    # teacher forcing and decoding both reproduce the forced target on its governed segment
+    # teacher forcing reproduces the forced target, and so does the greedy response through its EOS
     for r in range(2):
         assert s[f"tf_token_acc_{forced}"][0][r] == 1 and s[f"tf_exact_{forced}"][0][r] == 1
         if forced == "true":
@@ -125,8 +148,9 @@ def test_metrics_of_a_model_that_outputs_a_target(monkeypatch, forced):
         for r in range(2):
             np.testing.assert_array_equal(m[f"tf_exact_{t}"][r],
                                           _expected_match(out, ev[f"tokens_{t}"], ev[f"gov_mask_{t}"]))
-    np.testing.assert_array_equal(m["gen_instruct"][0], _expected_match(out, ev["tokens_true"], ev["gov_mask_true"]))
-    if forced == "refusal":  # a refusal of b after a true a (second pair) still matches true on a only
+    np.testing.assert_array_equal(m["gen_instruct"][0], _expected_match(out, ev["tokens_true"], ev["resp_mask_true"]))
+    np.testing.assert_array_equal(m["gen_null"][0], _expected_match(out, ev["tokens_refusal"], ev["resp_mask_refusal"]))
+    if forced == "refusal":  # a refusal ends the response early: never the true output
         assert not m["gen_instruct"].any()
     lo, hi = s["gen_null"][1][0], s["gen_null"][2][0]
     assert 0 <= lo <= s["gen_null"][0][0] <= hi <= 1
@@ -141,19 +165,6 @@ def test_metrics_of_a_model_that_outputs_a_target(monkeypatch, forced):
         np.testing.assert_array_equal(during_training[f"eval/unsafe/{k}"], s[k][0])
     np.testing.assert_allclose(during_training["eval/unsafe/tf_token_acc"], s["tf_token_acc_true"][0], rtol=1e-12)
     np.testing.assert_array_equal(during_training["eval/unsafe/tf_instruct"], s["tf_exact_true"][0])
-
-
-def test_gen_exact_match_only_checks_governed_positions():
-    target = jnp.array([[1, 2, 3, 4], [1, 2, 3, 4]])
-    decoded = jnp.array([[1, 2, 3, 9], [1, 9, 3, 4]])
-    gov = jnp.array([[False, True, True, False]] * 2)
-    np.testing.assert_array_equal(metrics.gen_exact_match(decoded, target, gov), [True, False])
-    ev = {"prompt": jnp.zeros((2, 6), jnp.int32),
-          **{f"gov_mask_{t}": jnp.zeros((2, 6), bool) for t in metrics.TARGETS}}
-    ev["gov_mask_true"] = ev["gov_mask_true"].at[0, 2:4].set(True)
-    ev["gov_mask_refusal"] = ev["gov_mask_refusal"].at[1, 1].set(True).at[0, 4].set(True)
-    np.testing.assert_array_equal(metrics.last_governed(ev), [4, 1])
-    np.testing.assert_array_equal(metrics.last_governed(ev, ("true",)), [3, 0])
 
 
 def test_eval_set_key_depends_on_the_set_only():

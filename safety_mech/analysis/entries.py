@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from safety_mech import attacks, batching, decoding, safety_data
+from safety_mech import attacks, batching, safety_data
 from safety_mech import data as data_lib
 from safety_mech import metrics as metrics_lib
 from safety_mech import model as model_lib
@@ -39,9 +39,8 @@ TAU_SITE = "mlp_hidden"
 # Inputs and metrics
 # ----------------------------------------------------------------------------------------------
 
-# The fields of an evaluation batch kept (in _decoded_matches' argument order).
-_KEEP = ("prompt", "prompt_len", "tokens_true", "gov_mask_true", "tokens_refusal", "gov_mask_refusal",
-         "tokens_harmful", "gov_mask_harmful")
+# The fields of an evaluation batch kept.
+_KEEP = metrics_lib.EVAL_KEYS
 
 
 def sample_inputs(data_cfg: data_lib.DataConfig, seed: int, n: int, n_heldout: int, sets: Sequence[str] = SETS):
@@ -59,16 +58,10 @@ def sample_inputs(data_cfg: data_lib.DataConfig, seed: int, n: int, n_heldout: i
 
 
 @functools.partial(jax.jit, static_argnames="model_cfg")
-def _decoded_matches(params, prompt, prompt_len, tokens_true, gov_true, tokens_refusal, gov_refusal,
-                     tokens_harmful, gov_harmful, *, model_cfg):
-    """[3, B] bool: greedy decoding gives the true output / the refusal / (not the refusal and) the
-    harmful output on the governed segment: ``metrics.generation_metrics``' Instruct, Null, strict."""
-    ev = dict(prompt=prompt, prompt_len=prompt_len, tokens_true=tokens_true, gov_mask_true=gov_true,
-              tokens_refusal=tokens_refusal, gov_mask_refusal=gov_refusal, tokens_harmful=tokens_harmful,
-              gov_mask_harmful=gov_harmful)
-    decoded = decoding.greedy_decode(params, model_cfg, prompt, prompt_len,
-                                     metrics_lib.last_governed(ev) + 1 - prompt_len)
-    g = metrics_lib.generation_metrics(decoded, ev)
+def _decoded_matches(params, ev, *, model_cfg):
+    """[3, B] bool: the greedy response is the true output / the refusal / (not the refusal and) the
+    harmful output: ``metrics.example_metrics``' Instruct, Null, strict."""
+    g = metrics_lib.example_metrics(params, model_cfg, ev)
     return jnp.stack([g["gen_instruct"], g["gen_null"], g["gen_strict"]])
 
 
@@ -77,7 +70,7 @@ def make_safety_metrics(model_cfg, safe: dict, unsafe: dict, batch_size: int = 1
     output), ``safe/null`` and ``unsafe/null`` (decoded = refusal), ``unsafe/attack_success`` (not the
     refusal and = the harmful output, strict), with ``metrics.py``'s definitions."""
     def rates(params, batch):
-        fn = functools.partial(_decoded_matches, params, model_cfg=model_cfg)
+        fn = lambda *arrays: _decoded_matches(params, dict(zip(_KEEP, arrays)), model_cfg=model_cfg)  # noqa: E731
         return batching.map_arrays(fn, [batch[f] for f in _KEEP], batch_size, out_axis=1).mean(1)
 
     def metrics_fn(params) -> dict:
