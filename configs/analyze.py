@@ -12,13 +12,12 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-SIZES = ("tiny", "paper", "micro")
-EVAL_SETS = ("safe", "unsafe", "jb_co_task", "jb_co_text", "jb_misgen_text", "jb_misgen_tokens")
+from configs.common import check_size
+from safety_mech.safety_data import EVAL_SETS
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in SIZES:
-        raise ValueError(f"unknown preset {arg!r}; use one of {SIZES}")
+    check_size(arg)
     c = ml_collections.ConfigDict(dict(
         n=256,  # examples per evaluation set
         n_heldout=placeholder(int),  # held-out safe / unsafe examples for the cluster means; unset: n

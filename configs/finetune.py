@@ -32,8 +32,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs.common import SIZES
+
 METHODS = ("ssft", "dpo", "unlearn")
-SIZES = ("tiny", "paper", "micro")
 P_UNSAFE = {"ssft": 0.2, "dpo": 0.5, "unlearn": 0.5}  # SPEC §7
 
 

@@ -7,26 +7,27 @@
 
 Presets (``get_config("tiny" | "paper" | "micro")``):
 
-* ``tiny``: the CPU default. 2 prenorm layers, d=96, learned positions (236,928 parameters), text
-  of exactly 6 letters (T = 28), four i.i.d. operators in every example, batch 128, 2000 steps.
-  ~4 minutes on a 2-core CPU VM; Instruct (``eval/safe/gen_instruct``) 1.000 on 1000 held-out safe
-  inputs. How it was chosen: ``docs/experiments.md``.
+* ``tiny``: the CPU default, shipped pretrained as ``safety_mech/bases/tiny`` (the default study
+  starts from it). 2 prenorm layers, d=96, learned positions, text of exactly 12 letters (sequences
+  of 46 tokens, padded to 54 so that the soft-token attack's 8 extra positions exist), four i.i.d.
+  operators in every example, batch 128, 6000 steps: RETRAIN_TIME on a 2-core CPU VM; Instruct
+  (``eval/safe/gen_instruct``) 1.000 on 1000 held-out safe inputs. How it was chosen:
+  ``docs/experiments.md``.
 * ``paper``: SPEC §5 exactly (6 layers, 6 heads, d=192, sinusoidal positions, 2,688,000 parameters,
   text 25..35, batch 512, 100k steps; packed rows). For a GPU/TPU: ~29 minutes of float32 steps on
   one H200 (``docs/performance.md``). Expected: Instruct close to 1.
-* ``micro``: a smoke test of every code path (1 layer, d=16, 6 steps); learns nothing.
+* ``micro``: a smoke test of every code path (1 layer, d=16, text 6, 6 steps); learns nothing.
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-SIZES = ("tiny", "paper", "micro")
+from configs.common import check_size
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in SIZES:
-        raise ValueError(f"unknown preset {arg!r}; use one of {SIZES}")
+    check_size(arg)
     c = ml_collections.ConfigDict()
     c.data = dict(
         min_len=25,  # operand text window length, uniform in [min_len, max_len] (SPEC §3)
@@ -84,13 +85,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg == "paper":
         c.train.pack = True
     if arg in ("tiny", "micro"):
-        c.data.update(min_len=6, max_len=6, p_four_iid=1.0, mode_probs_start=(0.1, 0.3, 0.3, 0.3),
+        c.data.update(min_len=12, max_len=12, seq_len=54, p_four_iid=1.0, mode_probs_start=(0.1, 0.3, 0.3, 0.3),
                       mode_probs_end=(0.05, 0.35, 0.3, 0.3))
         c.model.update(n_layer=2, n_head=4, d_model=96, d_mlp=384, block="prenorm", pos="learned")
-        c.opt.update(lrs=(3e-3,), min_lr=3e-5, warmup_steps=100, decay_end_step=2000)
-        c.train.update(steps=2000, batch_size=128, log_every=50, eval_every=500, ckpt_every=500)
+        c.opt.update(lrs=(3e-3,), min_lr=3e-5, warmup_steps=100, decay_end_step=6000)
+        c.train.update(steps=6000, batch_size=128, log_every=50, eval_every=1000, ckpt_every=1000)
         c.eval.update(n_periodic=256, n_final=1000, batch_size=500)
     if arg == "micro":
+        c.data.update(min_len=6, max_len=6, seq_len=0)
         c.model.update(n_layer=1, n_head=2, d_model=16, d_mlp=32)
         c.opt.update(warmup_steps=2, decay_end_step=6)
         c.train.update(steps=6, log_every=3, eval_every=6, ckpt_every=6)

@@ -20,20 +20,21 @@ from __future__ import annotations
 import ml_collections
 
 from configs import analyze, evaluate, finetune, pretrain
+from configs.common import check_size
 
 METHODS = finetune.METHODS
-SIZES = ("tiny", "paper", "micro")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in SIZES:
-        raise ValueError(f"unknown size {arg!r}; use one of {SIZES}")
+    check_size(arg)
     c = ml_collections.ConfigDict()
+    c.base = ""  # a shipped pretrained base (safety_mech/bases/) to start from; "": pretrain in the study
     c.pretrain = pretrain.get_config(arg)
     c.finetune = ml_collections.ConfigDict({m: finetune.get_config(f"{m}:{arg}") for m in METHODS})
     c.evaluate = evaluate.get_config(arg)
     c.analyze = analyze.get_config(arg)
     if arg == "tiny":
+        c.base = "tiny"
         for m in METHODS:
             c.finetune[m].eval.n_final = 256
     return c

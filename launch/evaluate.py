@@ -6,20 +6,17 @@ Writes ``<run>/eval/{metrics.json, table.md, info.json, adversarial.npz}``.
 ``safety_mech.evaluation.evaluate_run`` does the work.
 """
 from absl import app, flags
-from ml_collections import config_flags
 
-from configs import evaluate as evaluate_config
 from safety_mech import cli, setups, study
 from safety_mech.evaluation import EvaluationConfig
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "default configs/evaluate.py:tiny (overrides need it named)",
-                                         lock_config=True)
+CONFIG = cli.ConfigFlag(('evaluate', 'tiny'), "configs/evaluate.py:paper")
 RUN = flags.DEFINE_string("run", None, "run directory to evaluate (config.json + checkpoints/)")
 
 
 def main(argv):
     cli.main(argv, ("run",), lambda: study.evaluate(RUN.value, setups.validate_flat(
-        EvaluationConfig, (CONFIG.value or evaluate_config.get_config("tiny")), None)))
+        EvaluationConfig, CONFIG.value, None)))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ picks one of its replicas). The same command again resumes. ``safety_mech.study.
 the work.
 """
 from absl import app, flags
-from ml_collections import config_flags
 
 from safety_mech import cli, study
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/finetune.py:ssft:tiny", lock_config=True)
+CONFIG = cli.ConfigFlag(None, "configs/finetune.py:ssft:tiny")
 BASE = flags.DEFINE_string("base", None, "base run directory (pretraining or fine-tuning run)")
 BASE_REPLICA = flags.DEFINE_integer("base_replica", None, "replica of the base run (when it has several)")
 WORKDIR = flags.DEFINE_string("workdir", None, "run directory, e.g. runs/<name>")

@@ -6,11 +6,10 @@ Writes ``<workdir>/config.json``, ``metrics.jsonl`` and ``checkpoints/``; the sa
 resumes from the latest checkpoint. ``safety_mech.study.pretrain`` does the work.
 """
 from absl import app, flags
-from ml_collections import config_flags
 
 from safety_mech import cli, study
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "e.g. configs/pretrain.py:tiny", lock_config=True)
+CONFIG = cli.ConfigFlag(None, "configs/pretrain.py:tiny")
 WORKDIR = flags.DEFINE_string("workdir", None, "run directory, e.g. runs/<name>")
 DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 

@@ -8,21 +8,18 @@ The same command again skips finished stages and resumes an interrupted one.
 ``safety_mech.study.reproduce`` does the work.
 """
 from absl import app, flags
-from ml_collections import config_flags
 
-from configs import reproduce as reproduce_config
 from safety_mech import cli, study
 
-CONFIG = config_flags.DEFINE_config_file("config", None, "default configs/reproduce.py:tiny (overrides need it named)",
-                                         lock_config=True)
+CONFIG = cli.ConfigFlag(('reproduce', 'tiny'), "configs/reproduce.py:paper")
 WORKDIR = flags.DEFINE_string("workdir", None, "the study's directory, e.g. runs/repro")
 DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 COMPILATION_CACHE = flags.DEFINE_bool("compilation_cache", True, "cache compiled programs in <workdir>/.jax_cache")
 
 
 def main(argv):
-    cli.main(argv, ("workdir",), lambda: study.reproduce((CONFIG.value or reproduce_config.get_config("tiny")), WORKDIR.value, distributed=DISTRIBUTED.value,
-                                                         compilation_cache=COMPILATION_CACHE.value))
+    cli.main(argv, ("workdir",), lambda: study.reproduce(
+        CONFIG.value, WORKDIR.value, distributed=DISTRIBUTED.value, compilation_cache=COMPILATION_CACHE.value))
 
 
 if __name__ == "__main__":

@@ -5,17 +5,38 @@ A launcher is flags -> one library call (``study.py``); :func:`main` wraps that 
 """
 from __future__ import annotations
 
+import importlib
 import logging as std_logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from safety_mech import checkpoint as ckpt_lib
 from safety_mech import host_memory, setups
 from safety_mech.runs import RunError
 from safety_mech.train import NonFiniteLossError
+
+
+class ConfigFlag:
+    """The ``--config`` flag (a ``configs/`` file and preset, e.g. ``configs/reproduce.py:paper``, with
+    ``--config.<key>=`` overrides); without it, ``value`` is ``configs.<module>.get_config(preset)``
+    (overrides then need the config named)."""
+
+    def __init__(self, default: tuple[str, str] | None, example: str):
+        self._flag = config_flags.DEFINE_config_file("config", None, f"config file and preset, e.g. {example}",
+                                                     lock_config=True)
+        self._default = default
+
+    @property
+    def value(self):
+        if self._flag.value is None and self._default is not None:
+            module, preset = self._default
+            return importlib.import_module(f"configs.{module}").get_config(preset)
+        return self._flag.value
+
 
 # The errors a launcher reports as one line and a non-zero exit.
 USER_ERRORS = (setups.ConfigError, RunError, ckpt_lib.CheckpointError, NonFiniteLossError)

@@ -119,6 +119,13 @@ def verdict(checks) -> str:
     return "held" if all(checks) else "not held" if not any(checks) else "partly"
 
 
+def _normal_check(effect: float, se: float, minimum: float = 0.0, **labels) -> dict:
+    """A check of a normally distributed ``effect`` with standard error ``se``: passes when its 95%
+    interval lies above 0 and the effect reaches ``minimum``."""
+    lo, hi = effect - Z95 * se, effect + Z95 * se
+    return dict(labels, effect=effect, ci=(lo, hi), **{"pass": lo > 0 and effect >= minimum})
+
+
 def _finding(checks: list[dict], effect: str, rule: str) -> dict:
     return dict(held=verdict(c["pass"] for c in checks), effect=effect, rule=rule, checks=checks)
 
@@ -241,9 +248,8 @@ def analysis_findings(result: dict) -> tuple[dict, dict]:
 
     checks = []
     for m in models:
-        gd, se = gain(m, deep)
-        checks.append(dict(model=m, effect=gd, ci=(gd - Z95 * se, gd + Z95 * se), base=separation(tau[BASE_NAME], deep)[0],
-                           **{"pass": gd - Z95 * se > 0 and gd >= th["separation_gain"]}))
+        checks.append(_normal_check(*gain(m, deep), th["separation_gain"], model=m,
+                                    base=separation(tau[BASE_NAME], deep)[0]))
     worst = _worst(checks)
     found["tau_separates_after_finetuning"] = _finding(
         checks, f"separation gain {fmt(worst['effect'], *worst['ci'])} at the deepest layer (lowest of {len(checks)} "
@@ -254,8 +260,7 @@ def analysis_findings(result: dict) -> tuple[dict, dict]:
         checks = []
         for m in models:
             (g1, s1), (g0, s0) = gain(m, deep), gain(m, 0)
-            d, se = g1 - g0, math.hypot(s1, s0)
-            checks.append(dict(model=m, effect=d, ci=(d - Z95 * se, d + Z95 * se), **{"pass": d - Z95 * se > 0}))
+            checks.append(_normal_check(g1 - g0, math.hypot(s1, s0), model=m))
         worst = _worst(checks)
         found["tau_separation_grows_with_depth"] = _finding(
             checks, f"gain at the deepest layer minus gain at layer 0: {fmt(worst['effect'], *worst['ci'])} (lowest)",
@@ -276,8 +281,7 @@ def analysis_findings(result: dict) -> tuple[dict, dict]:
     for method, lrs in by_method.items():
         if len(lrs) >= 2:
             (gm, sm), (gs, ss) = mean_gain(lrs[max(lrs)]), mean_gain(lrs[min(lrs)])
-            d, se = gm - gs, math.hypot(sm, ss)
-            checks.append(dict(method=method, effect=d, ci=(d - Z95 * se, d + Z95 * se), **{"pass": d - Z95 * se > 0}))
+            checks.append(_normal_check(gm - gs, math.hypot(sm, ss), method=method))
     if checks:
         worst = _worst(checks)
         found["tau_separation_larger_with_eta_M"] = _finding(
@@ -289,10 +293,8 @@ def analysis_findings(result: dict) -> tuple[dict, dict]:
     order = [m for m in ("ssft", "dpo", "unlearn") if m in by_method]
     if len(order) >= 2:
         top = {m: mean_gain(by_method[m][max(by_method[m])]) for m in order}
-        checks = []
-        for a, b in zip(order, order[1:]):
-            d, se = top[b][0] - top[a][0], math.hypot(top[a][1], top[b][1])
-            checks.append(dict(pair=f"{a}<{b}", effect=d, ci=(d - Z95 * se, d + Z95 * se), **{"pass": d - Z95 * se > 0}))
+        checks = [_normal_check(top[b][0] - top[a][0], math.hypot(top[a][1], top[b][1]), pair=f"{a}<{b}")
+                  for a, b in zip(order, order[1:])]
         found["tau_separation_ssft_lt_dpo_lt_unlearn"] = _finding(
             checks, "; ".join(f"{c['pair']}: {fmt(c['effect'], *c['ci'])}" for c in checks),
             "mean separation gain at the deepest layer of each method's ηM models increases in the order ssft < dpo < "

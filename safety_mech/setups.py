@@ -36,6 +36,7 @@ from safety_mech.losses import LossConfig
 PRETRAIN_GROUPS = ("data", "model", "opt", "train", "eval", "loss")
 FINETUNE_GROUPS = ("data", "model", "opt", "train", "eval", "method")
 STUDY_GROUPS = ("pretrain", "finetune", "evaluate", "analyze")
+STUDY_KEYS = ("base",)  # flat keys of a study config besides its groups
 # model.ModelConfig fields set from the grammar and the data lengths, never by a config
 DERIVED_MODEL_KEYS = ("vocab_size", "seq_len")
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(model_lib.ModelConfig) if f.name not in DERIVED_MODEL_KEYS)
@@ -203,7 +204,9 @@ class StudySetup(NamedTuple):
 def validate_study(cfg, evaluation_cls, analysis_cls) -> StudySetup:
     """A ``configs/reproduce.py`` config: every group checked, each method's fine-tuning config
     resolved against the pretraining config (its model and data lengths)."""
-    _check_groups(cfg, STUDY_GROUPS)
+    _check_groups(cfg, STUDY_GROUPS + STUDY_KEYS)
+    if not isinstance(cfg.base, str):
+        raise ConfigError(f"config.base must be a shipped base's name or '' (pretrain in the study), got {cfg.base!r}")
     if sorted(cfg.finetune.keys()) != sorted(METHODS):
         raise ConfigError(f"config.finetune must hold exactly {list(METHODS)}, got {sorted(cfg.finetune.keys())}")
     pre = validate_pretrain(cfg.pretrain)

@@ -8,7 +8,7 @@ report. Each launcher in ``launch/`` is flags -> one of these calls.
 * :func:`evaluate` is ``evaluation.evaluate_run``; :func:`analyze` is ``analysis.suite.analyze``.
 * :func:`reproduce` runs the whole study in one work directory::
 
-      pretrain/                 the pretrained model θ_IT
+      pretrain/                 the pretrained model θ_IT (or the shipped base, ``config.base``)
       ssft/ dpo/ unlearn/       fine-tuned runs (learning rates × seeds as replicas)
       <method>/eval/            every set of SPEC §9 and the soft-token attack
       analysis/                 SPEC §10 on the three fine-tuned runs vs pretrain/
@@ -32,14 +32,14 @@ from absl import logging
 
 from safety_mech import checkpoint as ckpt_lib
 from safety_mech import data as data_lib
-from safety_mech import evaluation, files, finetune_losses, losses, packing, replicas, report, safety_data, setups
+from safety_mech import bases, evaluation, files, finetune_losses, losses, packing, replicas, report, safety_data, setups
 from safety_mech import metrics as metrics_lib
 from safety_mech import model as model_lib
 from safety_mech import optim
 from safety_mech import sharding as sharding_lib
 from safety_mech import train as train_lib
 from safety_mech.analysis import suite
-from safety_mech.runs import RunDir, RunError, check_new_or_same
+from safety_mech.runs import RunDir, RunError, check_new_or_same, config_diff
 
 METHODS = finetune_losses.METHODS
 
@@ -177,8 +177,26 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def validate(cfg) -> setups.StudySetup:
-    """The whole study config checked (one-line ``ConfigError``)."""
-    return setups.validate_study(cfg, evaluation.EvaluationConfig, suite.AnalysisConfig)
+    """The whole study config checked (one-line ``ConfigError``), the shipped base included."""
+    study = setups.validate_study(cfg, evaluation.EvaluationConfig, suite.AnalysisConfig)
+    shipped_base(cfg)
+    return study
+
+
+def shipped_base(cfg) -> str | None:
+    """The run directory of the study's shipped base (``cfg.base``), checked to be the run that
+    ``cfg.pretrain`` describes; None when the study pretrains its own."""
+    if not cfg.base:
+        return None
+    try:
+        path = bases.path(cfg.base)
+    except RunError as e:
+        raise setups.ConfigError(f"config.base: {e}") from None
+    diff = config_diff(RunDir.open(path, "config.base").config, cfg.pretrain.to_dict())
+    if diff:
+        raise setups.ConfigError(f"config.pretrain differs from the shipped base {cfg.base!r} ({', '.join(diff[:4])}); "
+                                 "set --config.base='' to pretrain in the work directory")
+    return path
 
 
 def _finished(run_dir: str) -> bool:
@@ -193,8 +211,12 @@ def reproduce(cfg, workdir: str, *, distributed: bool = False, compilation_cache
         enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
     stage = Stages(workdir)
     t_start = time.perf_counter()
-    pre_dir = os.path.join(workdir, "pretrain")
-    stage("pretrain", _finished(pre_dir), lambda: pretrain(cfg.pretrain, pre_dir, distributed=distributed))
+    pre_dir = shipped_base(cfg)
+    if pre_dir is None:
+        pre_dir = os.path.join(workdir, "pretrain")
+        stage("pretrain", _finished(pre_dir), lambda: pretrain(cfg.pretrain, pre_dir, distributed=distributed))
+    else:
+        logging.info("== pretrain: the shipped base %s (%s)", cfg.base, pre_dir)
     ft_dirs = {m: os.path.join(workdir, m) for m in METHODS}
     for m in METHODS:
         stage(f"finetune/{m}", _finished(ft_dirs[m]),

@@ -7,11 +7,13 @@ import sys
 import jax
 import pytest
 
+from configs import common
 from configs import analyze as an_config
 from configs import evaluate as ev_config
 from configs import finetune as ft_config
 from configs import pretrain as pt_config
 from configs import reproduce as repro_config
+from safety_mech import attacks
 from safety_mech import setups, study
 from safety_mech import model as model_lib
 from safety_mech.analysis.suite import AnalysisConfig
@@ -43,14 +45,15 @@ def test_paper_preset_is_spec_section_5():
 def test_tiny_preset_and_linked_fields():
     cfg = pt_config.get_config("tiny")
     s = setups.validate_pretrain(cfg)
-    assert s.data.T == s.model.seq_len == 3 * s.data.max_len + 10
+    # the text's sequences plus room for the soft-token attack's largest k (attacks.KS)
+    assert s.data.T == s.model.seq_len == 3 * s.data.max_len + 10 + max(attacks.KS)
     assert s.data.curriculum_end_step == s.train.steps
     cfg.train.steps, cfg.opt.warmup_steps = 50, 40  # a smoke run: curriculum follows, hold is clamped
     s = setups.validate_pretrain(cfg)
     assert (s.data.curriculum_hold_steps, s.data.curriculum_end_step) == (20, 50)
     cfg.opt.warmup_steps = 400
     assert setups.validate_pretrain(cfg).data.curriculum_hold_steps == 50
-    for size in pt_config.SIZES:
+    for size in common.SIZES:
         setups.validate_pretrain(pt_config.get_config(size))
     with pytest.raises(ValueError, match="unknown preset"):
         pt_config.get_config("huge")
@@ -80,7 +83,7 @@ def test_paper_finetune_preset_is_spec_section_8():
 
 
 def test_evaluate_analyze_and_reproduce_presets():
-    for size in ev_config.SIZES:
+    for size in common.SIZES:
         e = setups.validate_flat(EvaluationConfig, ev_config.get_config(size), "evaluate")
         a = setups.validate_flat(AnalysisConfig, an_config.get_config(size), "analyze")
         assert e.sets == a.sets == ("safe", "unsafe", "jb_co_task", "jb_co_text", "jb_misgen_text", "jb_misgen_tokens")
