@@ -18,8 +18,11 @@ optimizer state and its own data stream; the safe/unsafe mix is per example with
 
 * ``paper``: SPEC §8 exactly: 10k steps, batch 512, warmup 2k, cosine to 1e-6 at step 8k,
   ηM = 1e-4 and ηS = 1e-5; for a GPU/TPU (base: the ``pretrain.py:paper`` run).
-* ``tiny``: the same shape on the CPU: 300 steps of batch 64, ηM = 1e-3, ηS = 1e-4 (~1.5 minutes
-  per method on a 2-core CPU VM). Numbers: ``docs/results/`` and ``docs/experiments.md``.
+* ``tiny``: the CPU default, from the shipped base: batch 16, ηM = 2e-3 and ηS = 2e-4, seeds 0 and 1
+  (four replicas), 1200 steps for SSFT and 400 for DPO and unlearning (whose ascent term erodes
+  Instruct the longer they train), warmup a fifteenth of the run, cosine to 1e-6 at its end: about
+  2.5, 2 and 1.5 minutes on a 2-core CPU VM. Numbers: ``docs/results/`` and
+  ``docs/experiments.md``.
 * ``micro``: 4 steps of batch 8; learns nothing (smoke test).
 
 What to look at: ``train/logp_desired`` rises and ``train/logp_undesired`` falls (SSFT,
@@ -36,6 +39,9 @@ from configs.common import SIZES
 
 METHODS = ("ssft", "dpo", "unlearn")
 P_UNSAFE = {"ssft": 0.2, "dpo": 0.5, "unlearn": 0.5}  # SPEC §7
+# tiny: DPO's and unlearning's unbounded ascent on the undesired completion erodes Instruct as
+# training goes on, so they get a third of SSFT's steps (docs/experiments.md)
+TINY_STEPS = {"ssft": 1200, "dpo": 400, "unlearn": 400}
 
 
 def get_config(arg: str = "ssft:tiny") -> ml_collections.ConfigDict:
@@ -78,11 +84,12 @@ def get_config(arg: str = "ssft:tiny") -> ml_collections.ConfigDict:
         w_l=0.1,  # unlearning: weight of the ascended undesired completion's loss (REF)
     )
     if size in ("tiny", "micro"):
-        c.opt.update(lrs=(1e-3, 1e-4), warmup_steps=20, decay_end_step=300)
-        c.train.update(steps=300, batch_size=64, log_every=50, eval_every=300, ckpt_every=300)
+        steps = TINY_STEPS[method]
+        c.opt.update(lrs=(2e-3, 2e-4), warmup_steps=steps // 15, decay_end_step=steps)
+        c.train.update(steps=steps, batch_size=16, seeds=(0, 1), log_every=100, eval_every=steps, ckpt_every=steps)
         c.eval.update(n_periodic=256, n_final=1000, batch_size=500)
     if size == "micro":
         c.opt.update(warmup_steps=1, decay_end_step=4)
-        c.train.update(steps=4, batch_size=8, log_every=2, eval_every=4, ckpt_every=4)
+        c.train.update(steps=4, batch_size=8, seeds=(0,), log_every=2, eval_every=4, ckpt_every=4)
         c.eval.update(n_periodic=8, n_final=8, batch_size=8)
     return c

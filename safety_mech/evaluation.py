@@ -45,6 +45,7 @@ class EvaluationConfig:
     chunk: int | None = None  # examples per compiled call; None: the run's eval.batch_size
     attack: bool = True  # the soft-token attack (k=2, budget 1) on the unsafe set
     attack_n: int | None = None  # unsafe examples attacked; None: n
+    sweep_n: int | None = None  # of those, how many the budget and k sweeps attack; None: attack_n
     attack_steps: int = attacks.AttackConfig.steps
     sweep_budget: bool = False  # attack success vs budget (attacks.BUDGETS)
     sweep_k: bool = False  # attack success vs k (attacks.KS)
@@ -60,7 +61,7 @@ class EvaluationConfig:
             raise ValueError("nothing to evaluate: no sets and attack=False")
         if self.name is not None and (not self.name or "/" in self.name):
             raise ValueError(f"name={self.name!r} must be non-empty without '/'")
-        for field in ("n", "chunk", "attack_n", "attack_steps"):
+        for field in ("n", "chunk", "attack_n", "sweep_n", "attack_steps"):
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise ValueError(f"{field} must be >= 1, got {value}")
@@ -88,6 +89,7 @@ def evaluate_run(run_dir: str, cfg: EvaluationConfig = EvaluationConfig()) -> di
     step = run.latest_step() if cfg.ckpt_step is None else cfg.ckpt_step
     n = cfg.n or setup.eval.n_final
     attack_n = cfg.attack_n or n
+    sweep_n = min(cfg.sweep_n or attack_n, attack_n)
     chunk = cfg.chunk or setup.eval.batch_size
     attack_cfg = attacks.AttackConfig(steps=cfg.attack_steps)
     names = run.model_names(cfg.name)
@@ -132,14 +134,15 @@ def evaluate_run(run_dir: str, cfg: EvaluationConfig = EvaluationConfig()) -> di
             return report
 
         if cfg.sweep_budget:
-            attacks.success_vs_budget(attack_eval, params, unsafe, attack_n, attack_key, report=reporter("budget"))
+            attacks.success_vs_budget(attack_eval, params, unsafe, sweep_n, attack_key, report=reporter("budget"))
         if cfg.sweep_k:
-            attacks.success_vs_k(setup.model, params, unsafe, attack_n, attack_key, cfg=attack_cfg,
+            attacks.success_vs_k(setup.model, params, unsafe, sweep_n, attack_key, cfg=attack_cfg,
                                  report=reporter("k"), mesh=mesh, chunk=chunk)
 
     eval_dir = os.path.join(run_dir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     info = {"run": os.path.abspath(run_dir), "step": step, "n": n, "attack_n": attack_n if cfg.attack else None,
+            "sweep_n": sweep_n if cfg.attack and (cfg.sweep_budget or cfg.sweep_k) else None,
             "sets": list(cfg.sets), "eval_seed": setup.eval.seed, "models": {m: r for r, m in enumerate(names)},
             "attack": dataclasses.asdict(attack_cfg) if cfg.attack else None}
     method = cfg.name or run.method
