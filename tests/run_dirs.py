@@ -18,7 +18,7 @@ def micro_pretrain_config(model=MICRO_MODEL, lrs=(1e-3,), seeds=(0,)):
     """The tiny preset with a micro model, 3..4-letter texts and the given replicas."""
     cfg = pt_config.get_config("tiny")
     cfg.model.update(model)
-    cfg.data.update(min_len=3, max_len=4)
+    cfg.data.update(min_len=3, max_len=4, seq_len=0)
     cfg.opt.update(lrs=tuple(lrs), warmup_steps=2, decay_end_step=4)
     cfg.train.update(steps=5, batch_size=8, seeds=tuple(seeds), log_every=1, eval_every=0, ckpt_every=0)
     cfg.eval.update(n_periodic=8, n_final=8, batch_size=8, sets=("safe",))

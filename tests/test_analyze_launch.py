@@ -39,7 +39,7 @@ SWEEP_METRICS = ("safe/instruct", "safe/null", "unsafe/null", "unsafe/attack_suc
 def _ssft_config():
     cfg = ft_config.get_config("ssft:tiny")
     cfg.opt.update(warmup_steps=1, decay_end_step=3, lrs=LRS)
-    cfg.train.update(steps=3, batch_size=8, log_every=1, eval_every=0, ckpt_every=0)
+    cfg.train.update(steps=3, batch_size=8, seeds=(0,), log_every=1, eval_every=0, ckpt_every=0)
     cfg.eval.update(SMALL_EVAL)
     return cfg
 

@@ -23,9 +23,9 @@ SMALL_EVAL = dict(n_periodic=8, n_final=8, batch_size=8, sets=("safe",))
 
 
 def _micro_finetune_config(method):
-    cfg = ft_config.get_config(f"{method}:tiny")  # lrs (1e-3, 1e-4): two replicas
-    cfg.opt.update(warmup_steps=2, decay_end_step=4)
-    cfg.train.update(steps=STEPS, batch_size=8, log_every=1, eval_every=0, ckpt_every=0)
+    cfg = ft_config.get_config(f"{method}:tiny")
+    cfg.opt.update(lrs=(1e-3, 1e-4), warmup_steps=2, decay_end_step=4)  # two replicas
+    cfg.train.update(steps=STEPS, batch_size=8, seeds=(0,), log_every=1, eval_every=0, ckpt_every=0)
     cfg.eval.update(SMALL_EVAL)
     cfg.data.p_unsafe = 0.5  # one DataConfig for all methods: their runs share the compiled eval sets
     return cfg

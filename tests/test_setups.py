@@ -119,7 +119,7 @@ def test_inherit_from_base_and_overrides():
     cfg.method.normalize = "tokens"
     s = setups.validate_finetune(setups.inherit_from_base(cfg, base))
     assert s.method.betas == (0.1, 0.1) and s.method.normalize == "tokens"
-    assert s.data.T == 3 * base["data"]["max_len"] + 10  # lengths inherited from the base run
+    assert (s.data.max_len, s.data.T) == (base["data"]["max_len"], base["data"]["seq_len"])  # from the base run
     assert (s.model.n_layer, s.model.d_model, s.model.block) == (base["model"]["n_layer"], base["model"]["d_model"],
                                                                 base["model"]["block"])
     assert cfg.model.n_layer is None  # the input config is not modified
@@ -128,10 +128,10 @@ def test_inherit_from_base_and_overrides():
     with pytest.raises(ConfigError, match=rf"config.model.d_model=64 does not match B \(model.d_model={base['model']['d_model']}\)"):
         setups.inherit_from_base(cfg, base, "B")
     cfg = _finetune()
-    cfg.data.max_len = 6  # the base's value: fine
-    assert setups.inherit_from_base(cfg, base).data.max_len == 6
+    cfg.data.max_len = 12  # the base's value: fine
+    assert setups.inherit_from_base(cfg, base).data.max_len == 12
     cfg.data.max_len = 7
-    with pytest.raises(ConfigError, match=r"config.data.max_len=7 does not match the base run \(data.max_len=6\)"):
+    with pytest.raises(ConfigError, match=r"config.data.max_len=7 does not match the base run \(data.max_len=12\)"):
         setups.inherit_from_base(cfg, base)
     for broken, match in ((dict(base, model={**base["model"], "rope": 1}), r"unknown model key\(s\) \['rope'\]"),
                           ({k: v for k, v in base.items() if k != "data"}, "has no 'data' group"),
