@@ -10,7 +10,7 @@ Presets (``get_config("tiny" | "paper" | "micro")``):
 * ``tiny``: the CPU default, shipped pretrained as ``safety_mech/bases/tiny`` (the default study
   starts from it). 2 prenorm layers, d=96, learned positions, text of exactly 12 letters (sequences
   of 46 tokens, padded to 54 so that the soft-token attack's 8 extra positions exist), four i.i.d.
-  operators in every example, batch 128, 6000 steps: RETRAIN_TIME on a 2-core CPU VM; Instruct
+  operators in every example, batch 128, 6000 steps: 15 minutes on a 2-core CPU VM; Instruct
   (``eval/safe/gen_instruct``) 1.000 on 1000 held-out safe inputs. How it was chosen:
   ``docs/experiments.md``.
 * ``paper``: SPEC §5 exactly (6 layers, 6 heads, d=192, sinusoidal positions, 2,688,000 parameters,

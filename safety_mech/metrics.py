@@ -113,6 +113,25 @@ def mean_interval(x, z: float = Z95, axis: int = -1):
     return mean, mean - z * se, mean + z * se
 
 
+# two-sided 95% quantiles of Student's t by degrees of freedom; a df between two entries uses the
+# lower one's (wider) quantile, beyond the last the normal one
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
+
+
+def t_mean_interval(x) -> tuple[float, float, float]:
+    """Mean of a few values (e.g. one per seed) and its 95% Student-t interval ``(mean, lo, hi)``;
+    one value gives ``(x, x, x)``."""
+    x = np.asarray(x, np.float64).ravel()
+    if x.size < 2:
+        v = float(x[0]) if x.size else float("nan")
+        return v, v, v
+    df = x.size - 1
+    t = T975[max(k for k in T975 if k <= df)] if df <= max(T975) else Z95
+    half = t * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-example metrics
 # ----------------------------------------------------------------------------------------------

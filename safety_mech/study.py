@@ -199,7 +199,8 @@ def shipped_base(cfg) -> str | None:
     return path
 
 
-def _finished(run_dir: str) -> bool:
+def finished(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a training run that reached its last step."""
     return os.path.exists(os.path.join(run_dir, "config.json")) and RunDir.open(run_dir).finished()
 
 
@@ -214,12 +215,12 @@ def reproduce(cfg, workdir: str, *, distributed: bool = False, compilation_cache
     pre_dir = shipped_base(cfg)
     if pre_dir is None:
         pre_dir = os.path.join(workdir, "pretrain")
-        stage("pretrain", _finished(pre_dir), lambda: pretrain(cfg.pretrain, pre_dir, distributed=distributed))
+        stage("pretrain", finished(pre_dir), lambda: pretrain(cfg.pretrain, pre_dir, distributed=distributed))
     else:
         logging.info("== pretrain: the shipped base %s (%s)", cfg.base, pre_dir)
     ft_dirs = {m: os.path.join(workdir, m) for m in METHODS}
     for m in METHODS:
-        stage(f"finetune/{m}", _finished(ft_dirs[m]),
+        stage(f"finetune/{m}", finished(ft_dirs[m]),
               lambda m=m: finetune(cfg.finetune[m], pre_dir, ft_dirs[m], distributed=distributed))
     for m in METHODS:
         stage(f"evaluate/{m}", os.path.exists(os.path.join(ft_dirs[m], "eval", "metrics.json")),
