@@ -79,10 +79,13 @@ def write_npz(path: str, arrays: dict) -> None:
 
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, appended as training goes. ``path=None`` (or
-    any process but 0 of a multi-host run when writing) writes nothing."""
+    any process but 0 of a multi-host run when writing) writes nothing. With ``tensorboard``
+    (a :class:`TensorBoardMirror`) every numeric value is also written as a TensorBoard scalar;
+    metrics.jsonl stays the record every stage reads."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, tensorboard: "TensorBoardMirror | None" = None):
         self.path = path
+        self.tensorboard = tensorboard
 
     def _writer(self) -> bool:
         return self.path is not None and jax.process_index() == 0
@@ -93,6 +96,8 @@ class MetricsLog:
         line = json.dumps({k: to_jsonable(v) for k, v in record.items()})
         with open(self.path, "a") as f:
             f.write(line + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def records(self) -> list[dict]:
         """Every complete line (a line cut short by a kill is skipped)."""
@@ -119,3 +124,43 @@ class MetricsLog:
             return
         keep = [r for r in self.records() if r.get("step", 0) <= step and not r.get("final")]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+class TensorBoardMirror:
+    """TensorBoard event files of a run's metrics, one sub-directory per replica
+    (``<logdir>/<replica name>``, so TensorBoard overlays the replicas), written with tensorboardX
+    (the optional ``tensorboard`` extra). :meth:`open` returns None when tensorboardX is not
+    installed. A resumed run purges the events after its restart step."""
+
+    def __init__(self, writers: list):
+        self.writers = writers
+
+    @classmethod
+    def open(cls, logdir: str, replica_names, start_step: int = 0) -> "TensorBoardMirror | None":
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            return None
+        purge = start_step + 1 if start_step else None
+        return cls([SummaryWriter(os.path.join(logdir, name.replace("/", "_")), purge_step=purge, flush_secs=30)
+                    for name in replica_names])
+
+    def write(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        for key, value in record.items():
+            if key in ("step", "final") or isinstance(value, (bool, str)) or value is None:
+                continue
+            arr = np.asarray(value, np.float64).ravel()
+            if arr.size == 1:  # shared by every replica (e.g. time/step_s)
+                arr = np.repeat(arr, len(self.writers))
+            if arr.size != len(self.writers):
+                continue  # not a per-replica scalar
+            for writer, v in zip(self.writers, arr):
+                if math.isfinite(v):
+                    writer.add_scalar(key, float(v), step)
+        if record.get("final"):
+            self.close()
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()

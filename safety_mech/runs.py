@@ -9,7 +9,8 @@ Layout (``runs/<name>/``)::
 
 :class:`RunDir` is the one reader of these: it validates the config (``setups.py``), finds the
 checkpoint to use, loads the params of every replica and checks them leaf by leaf against the model
-the config describes. Every problem is a one-line :class:`RunError` naming the flag that pointed
+the config describes; from a notebook it also gives the run's base, its evaluation sets and its
+evaluation metrics. Every problem is a one-line :class:`RunError` naming the flag that pointed
 here (``--run``, ``--base``, ...).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from safety_mech import checkpoint as ckpt_lib
+from safety_mech import metrics as metrics_lib
 from safety_mech import model as model_lib
 from safety_mech import replicas
 from safety_mech import setups
@@ -123,6 +125,29 @@ class RunDir:
         """Names of the run's replicas (``replicas.names``)."""
         s = self.setup
         return replicas.names(method or self.method, s.opt.lrs, s.train.seeds)
+
+    @property
+    def base(self) -> "RunDir":
+        """The run this one was fine-tuned from (the path its ``config.json`` records)."""
+        if not self.fine_tuned:
+            raise RunError(f"{self.where} is a pretraining run: it has no base")
+        return RunDir.open(self.config["base"]["path"], f"the base of {self.where}")
+
+    def eval_set(self, name: str, n: int | None = None, keys=metrics_lib.EVAL_KEYS) -> dict:
+        """The first ``n`` examples (default ``eval.n_final``) of evaluation set ``name`` as this
+        run's evaluations draw them (from ``eval.seed``), host NumPy arrays (``keys`` of
+        ``safety_data.sample_eval_set``)."""
+        setup = self.setup
+        n = setup.eval.n_final if n is None else n
+        return metrics_lib.sample_eval_data(jax.random.key(setup.eval.seed), setup.data, name, n, keys)
+
+    def eval_metrics(self) -> dict:
+        """``eval/metrics.json`` of the evaluation stage: ``{<model>/<set>/<metric>: value}``."""
+        path = os.path.join(self.path, "eval", "metrics.json")
+        if not os.path.exists(path):
+            raise RunError(f"{self.where} has no eval/metrics.json; run python -m launch.evaluate --run {self.path}")
+        with open(path) as f:
+            return json.load(f)
 
     @property
     def n_replicas(self) -> int:

@@ -94,7 +94,8 @@ def train_job(setup, workdir: str, config_dict: dict, resume: bool, init_params_
             step_fn, state, n_steps=tc.steps, workdir=workdir, log_every=tc.log_every,
             eval_every=tc.eval_every, eval_fn=lambda p: evaluator(p, ec.n_periodic),
             final_eval_fn=lambda p: evaluator(p, ec.n_final), save_fn=lambda s: ckpt_lib.save_state(manager, s),
-            ckpt_every=tc.ckpt_every, tokens_per_step=tokens_per_example * tc.batch_size * R, ref_params=ref_params)
+            ckpt_every=tc.ckpt_every, tokens_per_step=tokens_per_example * tc.batch_size * R, ref_params=ref_params,
+            replica_names=[f"lr={lr:g},seed={seed}" for lr, seed in replicas.grid(lrs, tc.seeds)])
     finally:
         manager.close()
     return final

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from safety_mech.metrics import wilson_interval
+
 _MODEL_RE = r"^(?P<model>[^/]+/lr=[^/]+/seed=[^/]+)/(?P<rest>.+)$"
 # (header, set, metric) of the paper's table
 TABLE_COLUMNS = (("Instruct (safe)", "safe", "gen_instruct"), ("Null (unsafe)", "unsafe", "gen_null"),
@@ -66,6 +68,38 @@ def paper_table(metrics_dicts) -> str:
     for model in models:
         cells = [_cell(metrics, f"{model}/{s}/{m}") for _, s, m in TABLE_COLUMNS]
         lines.append(f"| {_row_label(model, models)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+SEED_MEAN_CAPTION = ("Mean over seeds, percent [95% Wilson interval of the seeds' inputs pooled]; the rows per "
+                     "seed follow.")
+
+
+def _pooled_cell(metrics: dict, models: list[str], rest: str) -> str:
+    """Mean over ``models`` of one rate and the Wilson interval of their pooled examples."""
+    have = [m for m in models if f"{m}/{rest}" in metrics]
+    if not have:
+        return "–"
+    set_name = rest.split("/")[0]
+    p = [metrics[f"{m}/{rest}"] for m in have]
+    n = [metrics.get(f"{m}/{set_name}/n", float("nan")) for m in have]
+    lo, hi = wilson_interval(sum(pi * ni for pi, ni in zip(p, n)), sum(n))
+    return f"{100 * sum(p) / len(p):.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def seed_mean_table(metrics_dicts) -> str:
+    """The paper's table with a row per method × learning rate: each cell the mean over the seeds
+    (:data:`SEED_MEAN_CAPTION`)."""
+    metrics = _merge(metrics_dicts)
+    groups: dict = {}
+    for model in _models(metrics):
+        method, lr, _ = model.split("/")
+        groups.setdefault(f"{method}, {lr.replace('lr=', 'η=')}", []).append(model)
+    lines = ["| model (seeds) | " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
+             "|---|" + "---|" * len(TABLE_COLUMNS)]
+    for label, models in groups.items():
+        cells = [_pooled_cell(metrics, models, f"{s}/{m}") for _, s, m in TABLE_COLUMNS]
+        lines.append(f"| {label} ({len(models)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -28,7 +28,7 @@ from absl import logging
 
 from safety_mech import replicas
 from safety_mech import sharding as sharding_lib
-from safety_mech.files import MetricsLog
+from safety_mech.files import MetricsLog, TensorBoardMirror
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +194,7 @@ def _fmt(value, spec=".4f") -> str:
 def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | None = None,
           log_every: int = 100, eval_every: int = 0, eval_fn: Callable | None = None,
           final_eval_fn: Callable | None = None, save_fn: Callable | None = None, ckpt_every: int = 0,
-          tokens_per_step: int = 0, ref_params=None):
+          tokens_per_step: int = 0, ref_params=None, replica_names=None):
     """Run ``step_fn`` from ``state`` (``state.step`` updates already done) to ``n_steps`` updates.
 
     * every step's metrics are pulled to the host one step late (while the next step runs) and
@@ -204,12 +204,16 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
     * every ``eval_every`` steps: ``eval_fn(params) -> {name: value}`` written as its own line;
     * every ``ckpt_every`` steps and at the end: ``save_fn(state)``;
     * at the end: ``final_eval_fn`` (default ``eval_fn``) merged with the last step's metrics into the
-      last line of metrics.jsonl, marked ``"final": true``.
+      last line of metrics.jsonl, marked ``"final": true``;
+    * with ``replica_names`` and tensorboardX installed, the same metrics as TensorBoard events in
+      ``<workdir>/tensorboard/<replica name>/`` (``files.TensorBoardMirror``).
 
     Returns ``(state, final_record)``.
     """
-    writer = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None)
     start = host_step(state)
+    mirror = (TensorBoardMirror.open(os.path.join(workdir, "tensorboard"), replica_names, start)
+              if workdir and replica_names and jax.process_index() == 0 else None)
+    writer = MetricsLog(os.path.join(workdir, "metrics.jsonl") if workdir else None, mirror)
     writer.truncate_after(start)
     final_eval_fn = final_eval_fn or eval_fn
     timer = {"t": None, "steps": 0}  # wall clock since the last log point, excluding eval/checkpoints

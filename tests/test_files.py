@@ -88,3 +88,34 @@ def test_atomic_writes(tmp_path):
     with np.load(tmp_path / "a.npz") as f:
         np.testing.assert_array_equal(f["soft"], np.ones((2, 3)))
     assert sorted(os.listdir(tmp_path)) == ["a.npz", "t.md", "x.json"]
+
+
+def _scalars(logdir) -> dict:
+    """{(tag, step): value} of every scalar in a directory's TensorBoard event files (TFRecord)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out[(v.tag, event.step)] = v.simple_value
+    return out
+
+
+def test_tensorboard_mirror_writes_every_replica(tmp_path):
+    mirror = files.TensorBoardMirror.open(str(tmp_path / "tb"), ["lr=0.001,seed=0", "lr=0.001,seed=1"])
+    log = files.MetricsLog(str(tmp_path / "metrics.jsonl"), mirror)
+    log.write({"step": 5, "train/loss": np.array([0.5, 0.25]), "time/step_s": 0.1})
+    log.write({"step": 10, "final": True, "eval/safe/gen_instruct": [1.0, 0.75]})
+    assert [r["step"] for r in log.records()] == [5, 10]
+    assert sorted(os.listdir(tmp_path / "tb")) == ["lr=0.001,seed=0", "lr=0.001,seed=1"]
+    second = _scalars(tmp_path / "tb" / "lr=0.001,seed=1")
+    assert second == {("train/loss", 5): 0.25, ("time/step_s", 5): pytest.approx(0.1),
+                      ("eval/safe/gen_instruct", 10): 0.75}

@@ -1,5 +1,5 @@
 """The paper-shaped tables of safety_mech/tables.py and the metric-key scheme they read."""
-from safety_mech import replicas, tables
+from safety_mech import metrics, replicas, tables
 
 
 def _run_metrics(method, lr, value, seeds=(0,)):
@@ -36,3 +36,12 @@ def test_split_key():
     assert tables.split_key("ssft>unlearn/lr=1e-05/seed=2/safe/gen_instruct_lo") == \
         ("ssft>unlearn/lr=1e-05/seed=2", "safe/gen_instruct_lo")
     assert tables.split_key("eval/safe/gen_instruct") is None and tables.split_key("ssft/lr=1/seed=0") is None
+
+
+def test_seed_mean_table_pools_the_seeds_inputs():
+    a = _run_metrics("ssft", 1e-4, 0.5, seeds=(0,))
+    b = _run_metrics("ssft", 1e-4, 0.3, seeds=(1,))
+    lines = tables.seed_mean_table([a, b]).strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| model (seeds) | Instruct (safe) |")
+    lo, hi = metrics.wilson_interval(0.5 * 10 + 0.3 * 10, 20)  # 8 of the 20 pooled inputs
+    assert lines[2].startswith(f"| ssft, η=0.0001 (2) | 40.0 [{100 * lo:.1f}, {100 * hi:.1f}] |")
