@@ -11,6 +11,13 @@ A checkpoint of a training state (any NamedTuple with ``step``, ``params`` and m
 Run directory layout: ``runs/<name>/{config.json, metrics.jsonl, checkpoints/<step>/...}``. Saves are
 synchronous: the training step donates its input buffers, so nothing may still be reading them once
 ``save_state`` returns. Any failure to read a checkpoint is one line: :class:`CheckpointError`.
+
+Integrity: after orbax commits a step, its directory gets a ``SHA256SUMS`` of every file
+(``files.write_manifest``). :func:`load_params` verifies it before reading and refuses a corrupt
+checkpoint naming the file; :func:`restore_state` (resuming) skips a corrupt or unverified step
+to the newest one that verifies, and says so. A step without the manifest (written by an older
+version, or killed between the commit and the manifest) is read with a warning by
+:func:`load_params` and skipped by :func:`restore_state`.
 """
 from __future__ import annotations
 
@@ -19,6 +26,9 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from safety_mech import files
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -60,7 +70,18 @@ def save_state(manager: ocp.CheckpointManager, state) -> int:
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                                state=ocp.args.StandardSave(rest)), force=True)
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+        files.write_manifest(step_dir(str(manager.directory), step))
     return step
+
+
+def step_dir(directory: str, step: int) -> str:
+    return os.path.join(directory, str(step))
+
+
+def check_step(directory: str, step: int) -> str | None:
+    """None when checkpoint ``step`` in ``directory`` matches its ``SHA256SUMS``, else the problem."""
+    return files.check_manifest(step_dir(directory, step))
 
 
 def latest_step(directory: str) -> int | None:
@@ -78,9 +99,20 @@ def restore_state(manager: ocp.CheckpointManager, template, step: int | None = N
     """The state saved at ``step`` (default: latest), with the structure, dtypes and shardings of
     ``template`` (a state of the same run, e.g. freshly initialised)."""
     directory = str(manager.directory)
-    step = manager.latest_step() if step is None else step
     if step is None:
+        for candidate in sorted(manager.all_steps(), reverse=True):
+            problem = check_step(directory, candidate)
+            if problem is None:
+                step = candidate
+                break
+            logging.warning("checkpoint %s is not usable (%s): skipped", step_dir(directory, candidate), problem)
+    elif check_step(directory, step):
+        raise CheckpointError(f"checkpoint {step_dir(directory, step)}: {check_step(directory, step)} (corrupt); "
+                              "delete it to resume from an earlier one")
+    if step is None and not manager.all_steps():
         raise CheckpointError(f"no checkpoint found in {directory}")
+    if step is None:
+        raise CheckpointError(f"no checkpoint that verifies in {directory}; delete the directory to start over")
     params, rest = _split(template)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -107,7 +139,15 @@ def load_params(directory: str, step: int | None = None) -> dict:
         "params": ocp.PyTreeCheckpointHandler(), "state": ocp.PyTreeCheckpointHandler()})
     step = manager.latest_step() if step is None else step
     if step is None:
+        manager.close()
         raise CheckpointError(f"no checkpoint found in {directory}")
+    problem = check_step(directory, step)
+    if problem == f"no {files.MANIFEST}":
+        logging.warning("checkpoint %s has no %s: read unverified", step_dir(directory, step), files.MANIFEST)
+    elif problem:
+        manager.close()
+        raise CheckpointError(f"checkpoint {step_dir(directory, step)} is corrupt: {problem}; "
+                              "retrain the run or restore its files")
     try:
         # Without explicit restore types orbax rebuilds the writer's shardings, which fails
         # ("Topology mismatch") on another device count.

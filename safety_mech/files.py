@@ -5,6 +5,7 @@ then ``os.replace``), so a killed process leaves either the old file or the new 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,55 @@ def write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+MANIFEST = "SHA256SUMS"  # "<sha256>  <relative path>" per file of a directory
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_files(root: str) -> list[str]:
+    """Every file under ``root`` (relative paths, sorted), manifests excepted."""
+    out = []
+    for d, _, fs in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, f), root) for f in fs if f != MANIFEST]
+    return sorted(out)
+
+
+def write_manifest(root: str) -> str:
+    """Write ``root/SHA256SUMS`` (atomically) for every file under ``root``."""
+    path = os.path.join(root, MANIFEST)
+    write_text(path, "".join(f"{sha256(os.path.join(root, f))}  {f}\n" for f in manifest_files(root)))
+    return path
+
+
+def check_manifest(root: str, allow_extra: tuple = ()) -> str | None:
+    """None when every file under ``root`` matches ``root/SHA256SUMS``, else what does not (one line):
+    no manifest, missing or unexpected files (except ``allow_extra``), or the first file whose
+    digest differs."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        return f"no {MANIFEST}"
+    with open(path, errors="replace") as f:
+        rows = [line.rstrip("\n").split("  ", 1) for line in f if line.strip()]
+    if not all(len(r) == 2 and len(r[0]) == 64 for r in rows):
+        return f"{MANIFEST} is not a manifest"
+    expected = {rel: digest for digest, rel in rows}
+    found = manifest_files(root)
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected) - set(allow_extra))
+    if missing or extra:
+        return (f"missing files {missing}" if missing else "") + (" " if missing and extra else "") + \
+            (f"unexpected files {extra}" if extra else "")
+    for rel, digest in expected.items():
+        if sha256(os.path.join(root, rel)) != digest:
+            return f"{rel} does not match its checksum"
+    return None
 
 
 def write_json(path: str, obj, indent: int | None = 1, sort_keys: bool = False) -> None:

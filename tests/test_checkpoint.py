@@ -103,11 +103,48 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path):
         for name in files:
             with open(os.path.join(root, name), "w") as f:
                 f.write("garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot restore step 0") as err:
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint that verifies") as err:
         checkpoint.restore_state(manager, state)
     assert "\n" not in str(err.value)
-    with pytest.raises(checkpoint.CheckpointError, match="cannot load params"):
+    with pytest.raises(checkpoint.CheckpointError, match="is corrupt: SHA256SUMS is not a manifest"):
         checkpoint.load_params(str(tmp_path))
+
+
+def _flip_middle_byte(path) -> None:
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_flipped_bytes_are_corruption(runs, tmp_path):
+    """A byte flipped in the middle of any of the three largest params files of the last checkpoint:
+    loading its params names the file; resuming skips to the previous checkpoint and says so."""
+    import shutil
+
+    from absl import logging as absl_logging
+
+    full_dir, full, _, _ = runs
+    params_dir = os.path.join(checkpoint.checkpoint_dir(full_dir), str(N_STEPS), "params")
+    sizes = {os.path.join(r, f): os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(params_dir) for f in fs}
+    for i, victim in enumerate(sorted(sizes, key=sizes.get, reverse=True)[:3]):
+        run = tmp_path / f"copy{i}"
+        shutil.copytree(full_dir, run)
+        _flip_middle_byte(str(run) + victim[len(full_dir):])
+        rel = os.path.relpath(victim, os.path.dirname(params_dir))
+        with pytest.raises(checkpoint.CheckpointError, match=f"is corrupt: {rel} does not match its checksum"):
+            checkpoint.load_params(str(run))
+        warnings = []
+        monkey = absl_logging.warning
+        absl_logging.warning = lambda msg, *a: warnings.append(msg % a)
+        try:
+            manager = checkpoint.make_checkpoint_manager(checkpoint.checkpoint_dir(str(run)))
+            state = checkpoint.restore_state(manager, toy.init_state(jax.random.key(11)))
+            manager.close()
+        finally:
+            absl_logging.warning = monkey
+        assert train.host_step(state) == 2 * CKPT_EVERY
+        assert len(warnings) == 1 and f"{N_STEPS} is not usable ({rel} does not match its checksum)" in warnings[0]
+    assert os.path.isfile(os.path.join(os.path.dirname(params_dir), "SHA256SUMS"))
 
 
 def test_load_params_on_another_device_count(tmp_path):

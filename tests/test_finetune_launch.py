@@ -142,6 +142,18 @@ def test_bad_bases_are_one_line_errors(runs, tmp_path):
     with pytest.raises(RunError, match=first_leaf):
         study.finetune(cfg, str(broken), str(work))
     assert not work.exists()
+    # a base with a byte flipped in its largest params file: corruption, before any step
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(dirs["base"], corrupt)
+    params_files = [p for p in (corrupt / "checkpoints").rglob("*") if p.is_file() and "params" in p.parts]
+    largest = max(params_files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    largest.write_bytes(bytes(data))
+    with pytest.raises(RunError, match=r"^--base .*corrupt: checkpoint .* is corrupt: params/.* does not match its "
+                                       r"checksum; retrain the run or restore its files$"):
+        study.finetune(cfg, str(corrupt), str(work))
+    assert not work.exists()
 
 
 def test_cli_mismatched_base_exits_with_one_line(runs, tmp_path):

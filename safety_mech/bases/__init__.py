@@ -7,12 +7,12 @@ partial copy is a one-line error instead of a silently different study.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 
+from safety_mech import files
 from safety_mech.runs import RunError
 
-MANIFEST = "SHA256SUMS"
+MANIFEST = files.MANIFEST
 
 
 def names() -> list[str]:
@@ -21,44 +21,17 @@ def names() -> list[str]:
     return sorted(d for d in os.listdir(here) if os.path.isfile(os.path.join(here, d, MANIFEST)))
 
 
-def _files(root: str) -> list[str]:
-    out = []
-    for d, _, fs in os.walk(root):
-        out += [os.path.relpath(os.path.join(d, f), root) for f in fs if f != MANIFEST]
-    return sorted(out)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(root: str) -> str:
     """Write ``root/SHA256SUMS`` for every file under ``root`` (used once, when a base is added)."""
-    lines = [f"{_sha256(os.path.join(root, f))}  {f}\n" for f in _files(root)]
-    path = os.path.join(root, MANIFEST)
-    with open(path, "w") as f:
-        f.writelines(lines)
-    return path
+    return files.write_manifest(root)
 
 
 def path(name: str) -> str:
     """The run directory of shipped base ``name``, its files checked against its manifest."""
     root = os.path.join(os.path.dirname(__file__), name)
-    manifest = os.path.join(root, MANIFEST)
-    if not os.path.isfile(manifest):
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
         raise RunError(f"no shipped base {name!r}; the package has {names()}")
-    with open(manifest) as f:
-        expected = dict(reversed(line.rstrip("\n").split("  ", 1)) for line in f if line.strip())
-    found = _files(root)
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected) - {"README.md"})
-    if missing or extra:
-        raise RunError(f"shipped base {name!r} at {root}: files {'missing ' + str(missing) if missing else ''}"
-                       f"{' unexpected ' + str(extra) if extra else ''}; reinstall the package")
-    for rel, digest in expected.items():
-        if _sha256(os.path.join(root, rel)) != digest:
-            raise RunError(f"shipped base {name!r}: {rel} does not match its checksum (corrupt); reinstall the package")
+    problem = files.check_manifest(root, allow_extra=("README.md",))
+    if problem:
+        raise RunError(f"shipped base {name!r} at {root}: {problem} (corrupt or partial); reinstall the package")
     return root
