@@ -30,25 +30,39 @@ def collect(pretrain_dir: str, finetune_dirs: dict, analysis_dir: str, timings: 
 
 
 FIGURE_READINGS = {
-    "tau": "τ = ‖a − μ_U‖ − ‖a − μ_S‖ per layer (positive: nearer the safe cluster). After safety fine-tuning, "
-           "safe and unsafe inputs should separate, more in deeper layers.",
-    "null_space": "s_i = ‖(I − P_IT)u_i‖ of ΔW's top left singular vectors against the random baseline "
-                  "sqrt(1 − k/out): above the line means ΔW writes outside col(W_IT).",
-    "row_space": "‖ΔW a‖/‖a‖ for MLP inputs of each set: the paper finds ΔW acts far more on unsafe inputs, "
-                 "and jailbreak / adversarial inputs look like safe ones to ΔW.",
-    "lipschitz": "‖∂ max_v z_v / ∂E‖_F per example, base vs fine-tuned: the paper finds it falls on unsafe and "
-                 "rises on safe inputs.",
-    "alpha_sweep": "θ_IT + α·ΔW (all weights, or the MLP only): Instruct and Null along α; α = 0 is θ_IT, "
-                   "α = 1 the fine-tuned model, α > 1 extrapolates the fine-tuning.",
-    "tau_along_alpha": "Mean τ of safe and unsafe inputs along α: how the cluster separation grows as ΔW is "
-                       "scaled in.",
+    "tau": "Paper Fig. 3: τ = ‖a − μ_U‖ − ‖a − μ_S‖ per layer (positive: nearer the safe cluster) separates safe (green) "
+           "from unsafe (red) inputs after safety fine-tuning, more in deeper layers and with ηM. Ours: one panel per "
+           "method × learning rate (seeds pooled: mean, band ±1 std of the examples), the base model on the left.",
+    "null_space": "Paper Fig. 4: ΔW's top left singular vectors lie mostly outside col(W_IT). Ours: s_i = ‖(I − P_IT)u_i‖ "
+                  "sorted, one line per method at ηM (band: the seeds' range), per MLP matrix; above the grey dashed "
+                  "random-vector baseline sqrt(1 − k/out) means ΔW writes outside col(W_IT) more than chance.",
+    "row_space": "Paper Fig. 5: unsafe inputs project far more onto ΔW's top row-space directions than safe ones, and "
+                 "jailbreak / adversarial inputs project like safe ones. Ours: σ_j·|cos(a, v_j)| for ΔW's top right "
+                 "singular vectors v_j of the first MLP matrix (MLP inputs at EOT..EOT+9), mean ± std over examples, "
+                 "per method at ηM and layer.",
+    "lipschitz": "Paper Fig. 6: after safety fine-tuning the local Lipschitz constant ‖∂ max_v z_v / ∂E‖_F falls on "
+                 "unsafe inputs and rises on safe ones. Ours: per-example histograms, base (grey) vs fine-tuned at ηM "
+                 "(seeds pooled; green safe, red unsafe), dashed lines at the means.",
+    "tau_attacks": "Paper Fig. 7: jailbreak and adversarial activations sit with the safe cluster, which is why they "
+                   "evade the refusal. Ours: mean ± std τ at the deepest layer of each attack set (points) against "
+                   "the safe (green) and unsafe (red) bands, base and each method at ηM.",
+    "alpha_sweep": "θ_IT + α·ΔW (all weights, or the MLP only), SSFT models: Instruct on safe (green) and Null on unsafe "
+                   "(red) along α, one line style per learning rate; α = 0 is θ_IT, α = 1 the fine-tuned model, α > 1 "
+                   "extrapolates the fine-tuning (the paper finds it safer at little cost).",
+    "tau_along_alpha": "Mean τ (deepest layer) of safe and unsafe inputs along α for the same models: how the cluster "
+                       "separation grows as ΔW is scaled in.",
+    "attack_budget": "The soft-token attack's strict success (not the refusal and the harmful output) against its budget "
+                     "(× the default), each method at ηM (line: mean over seeds, band and dots: the seeds); in the "
+                     "paper it rises with the budget and is highest for SSFT.",
+    "attack_k": "The same against the number of soft tokens k.",
 }
 
 
 # the finding each figure illustrates: its verdict is the figure's second line
 FIGURE_FINDINGS = {"tau": "tau_separates_after_finetuning", "null_space": "delta_w_outside_col_w_it",
                    "row_space": "delta_w_acts_more_on_unsafe", "lipschitz": "lipschitz_falls_on_unsafe_rises_on_safe",
-                   "alpha_sweep": "alpha_above_1_safer", "tau_along_alpha": "tau_separates_after_finetuning"}
+                   "tau_attacks": "attack_activations_near_safe_cluster", "alpha_sweep": "alpha_above_1_safer",
+                   "tau_along_alpha": "tau_separates_after_finetuning"}
 
 
 def _reading(fig_name: str, found: dict) -> str:
@@ -73,7 +87,8 @@ def markdown(results: dict, config: dict | None = None) -> str:
         instruct = instruct[0] if isinstance(instruct, list) else instruct
         lines += [f"Pretrained model (θ_IT): Instruct on safe inputs {100 * instruct:.1f}% "
                   f"(greedy exact match, step {pre.get('step')}).", ""]
-    lines += ["## Table (paper-shaped)", "", tables.paper_table([results["eval"]]), tables.TABLE_CAPTION, ""]
+    lines += ["## Table (paper-shaped)", "", tables.seed_mean_table([results["eval"]]), tables.SEED_MEAN_CAPTION, "",
+              tables.paper_table([results["eval"]]), tables.TABLE_CAPTION, ""]
     ev = results["eval"]
     cut = {k[: -len("/adversarial/n_truncated")]: v for k, v in ev.items() if k.endswith("/adversarial/n_truncated")}
     if any(cut.values()):
@@ -110,7 +125,13 @@ def markdown(results: dict, config: dict | None = None) -> str:
 
 
 def write(report_dir: str, results: dict, config: dict | None = None) -> None:
-    """``results.json`` and ``REPORT.md`` in ``report_dir`` (written atomically)."""
+    """``results.json``, ``REPORT.md`` and the attack-sweep figures drawn from the evaluation metrics
+    (``attack_budget.png``, ``attack_k.png``, listed after the analysis figures) in ``report_dir``;
+    the JSON and Markdown are written atomically."""
+    from safety_mech.analysis import figures  # matplotlib: only when a report is written
+
     clean = files.sanitize(json.loads(json.dumps({**results, "config": config}, default=str)))  # NaN -> null
     files.write_json(os.path.join(report_dir, "results.json"), clean)
-    files.write_text(os.path.join(report_dir, "REPORT.md"), markdown(results, config))
+    shown = {**results["analysis"].get("figures", {}), **figures.attack_figures(results["eval"], report_dir)}
+    files.write_text(os.path.join(report_dir, "REPORT.md"),
+                     markdown({**results, "analysis": {**results["analysis"], "figures": shown}}, config))

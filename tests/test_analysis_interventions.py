@@ -1,11 +1,11 @@
-"""SPEC §10.6 interventions (θ(α), sweeps, τ along α), SPEC §8 ΔW arithmetic, and the §10 figures."""
+"""SPEC §10.6 interventions (θ(α), sweeps, τ along α) and SPEC §8 ΔW arithmetic."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from safety_mech import model
-from safety_mech.analysis import activations, interventions, plots
+from safety_mech.analysis import activations, interventions
 
 TINY = model.ModelConfig(vocab_size=54, seq_len=16, n_layer=2, n_head=2, d_model=8, d_mlp=16,
                          block="prenorm", pos="learned")
@@ -161,30 +161,3 @@ def test_delta_arithmetic():
         interventions.delta_arithmetic(base, {"a": f1["a"]})
     with pytest.raises(ValueError, match="at least one"):
         interventions.delta_arithmetic(base)
-
-
-def _is_png(path):
-    with open(path, "rb") as f:
-        return f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def test_every_plot_writes_a_png(tmp_path):
-    rng = np.random.default_rng(0)
-    L, A = 3, 5
-    tau = {m: {s: {"mean": rng.standard_normal(L).tolist(), "std": rng.random(L).tolist()}
-               for s in ("safe", "unsafe", "jb_co_text")} for m in ("base", "ssft/lr=0.0003/seed=0")}
-    null = {"ssft": {f"h_{i}/mlp/c_fc": {"scores": rng.random(8).tolist(), "baseline": 0.87}
-                     for i in range(L)}}
-    rows = {"ssft": {s: rng.random(L).tolist() for s in ("safe", "unsafe", "jb_co_task", "adversarial")}}
-    lip = {f"ssft | {s}": {"W_IT": rng.random(50).tolist(), "W_ST": rng.random(50).tolist()} for s in ("safe", "unsafe")}
-    sweeps = {"ssft (all)": {"alpha": np.linspace(0, 2, A).tolist(),
-                             "metrics": {"safe/instruct": rng.random(A).tolist(), "unsafe/null": rng.random(A).tolist()},
-                             "tau_mean": {"safe": rng.standard_normal((A, L)).tolist(),
-                                          "unsafe": rng.standard_normal((A, L)).tolist()}}}
-    calls = [(plots.plot_tau, tau), (plots.plot_null_space_scores, null), (plots.plot_row_space, rows),
-             (plots.plot_lipschitz, lip), (plots.plot_alpha_sweep, sweeps), (plots.plot_tau_along_alpha, sweeps),
-             (plots.plot_lipschitz, {"constant": {"a": [1.0, 1.0]}})]  # degenerate bins
-    for i, (fn, arg) in enumerate(calls):
-        path = str(tmp_path / f"{i}.png")
-        assert fn(arg, path) == path
-        assert _is_png(path) and (tmp_path / f"{i}.png").stat().st_size > 1000

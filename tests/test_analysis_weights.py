@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from safety_mech import model
-from safety_mech.analysis import weights
+from safety_mech.analysis import entries, weights
 
 TINY = model.ModelConfig(vocab_size=54, seq_len=12, n_layer=2, n_head=2, d_model=16, d_mlp=32)
 
@@ -163,6 +163,50 @@ def test_row_space_stats():
     # Leading shape kept: [L, N, in] -> [L, N].
     st = weights.row_space_stats(W_it, dW, np.stack([a_in, a_out]), top=2)
     assert st["delta_over_input"].shape == (2, 5) and st["projections"].shape == (2, 5, 2)
+
+
+def test_row_space_entry_scores_planted(monkeypatch):
+    """entries.row_space_entry's row-space scores on a planted ΔW = Q diag(σ) V_rowᵀ of rank 3 and MLP
+    inputs a = C V_rowᵀ + (noise ⟂ row(ΔW)): cos(a, v_j) = C_j / ‖a‖ exactly, so every score is known."""
+    rng = np.random.default_rng(2)
+    L, N, P, D, F, top = 2, 6, entries.POSITIONS, 12, 20, 4
+    sigmas = [np.array([4.0, 2.0, 1.0]), np.array([5.0, 3.0, 0.5])]
+    params_it, params_st, V_rows, V_perps, acts, C = {}, {}, [], [], {}, {}
+    for layer in range(L):
+        W_it = rng.standard_normal((F, D))
+        V = _orthonormal(rng, D, D)
+        V_rows.append(V[:, :3])
+        V_perps.append(V[:, 3:])  # ⟂ row(ΔW)
+        dW = _orthonormal(rng, F, 3) @ np.diag(sigmas[layer]) @ V[:, :3].T
+        params_it[f"h_{layer}"] = {"mlp": {"c_fc": {"kernel": W_it.T}}}  # Flax kernels are Wᵀ
+        params_st[f"h_{layer}"] = {"mlp": {"c_fc": {"kernel": (W_it + dW).T}}}
+    for name, scale in (("safe", 0.2), ("unsafe", 3.0)):  # unsafe inputs lie mostly in ΔW's row space
+        C[name] = scale * rng.standard_normal((L, N, P, 3))
+        acts[name] = np.stack([C[name][i] @ V_rows[i].T + rng.standard_normal((N, P, D - 3)) @ V_perps[i].T
+                               for i in range(L)])
+    # the model's MLP inputs are planted: collect_window returns them for each set (tokens_true names it)
+    monkeypatch.setattr(entries.activations, "collect_window", lambda params, cfg, tokens, *a, **k: acts[tokens])
+    eval_sets = {name: {"tokens_true": name, "prompt_len": None} for name in acts}
+    out = entries.row_space_entry(params_it, params_st, None, eval_sets, None, top, batch_size=4)
+
+    assert out["matrix"] == "mlp/c_fc" and np.shape(out["singular_values"]) == (L, top)
+    old = {"delta_over_input_mean", "delta_over_input_std", "delta_over_base_mean", "delta_over_base_std",
+           "delta_over_input_per_position", "projections_abs_mean"}
+    for name in acts:
+        entry = out["sets"][name]
+        assert set(entry) == old | {"row_scores_mean", "row_scores_std"}
+        assert np.shape(entry["row_scores_mean"]) == np.shape(entry["row_scores_std"]) == (L, top)
+        for layer in range(L):
+            a = acts[name][layer]
+            # plain NumPy: σ_j |C_j| / ‖a‖ per (example, position), window mean, then over examples
+            s = sigmas[layer] * np.abs(C[name][layer]) / np.linalg.norm(a, axis=-1, keepdims=True)
+            per_example = np.concatenate([s.mean(1), np.zeros((N, top - 3))], axis=1)  # σ_4 = 0
+            np.testing.assert_allclose(entry["row_scores_mean"][layer], per_example.mean(0), atol=1e-12)
+            np.testing.assert_allclose(entry["row_scores_std"][layer], per_example.std(0), atol=1e-12)
+            np.testing.assert_allclose(entry["projections_abs_mean"][layer], per_example.mean(0), atol=1e-12)
+            np.testing.assert_allclose(out["singular_values"][layer][:3], sigmas[layer], rtol=1e-12)
+    unsafe, safe = (np.asarray(out["sets"][n]["row_scores_mean"]) for n in ("unsafe", "safe"))
+    assert np.all(unsafe[:, :3] > 3 * safe[:, :3])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,6 +105,9 @@ def test_json_structure_figures_and_progress(analysis):
     assert len(saved["tau"][M0]["safe"]["mean"]) == 2 and saved["tau"][M0]["safe"]["n"] == N
     assert len(saved["lipschitz"][M0]["unsafe"]["scores"]) == N
     assert len(saved["row_space"][M0]["sets"]["unsafe"]["delta_over_input_per_position"][1]) == entries.POSITIONS
+    rows = saved["row_space"][M0]["sets"]["safe"]
+    assert np.shape(rows["row_scores_mean"]) == np.shape(rows["row_scores_std"]) == (2, _config().top)
+    np.testing.assert_allclose(rows["row_scores_mean"], rows["projections_abs_mean"], rtol=1e-9)
     sweep = saved["alpha_sweep"][M0]
     assert set(sweep) == {"all", "mlp"} and sweep["all"]["alpha"] == list(ALPHAS)
     assert set(sweep["all"]["metrics"]) == set(SWEEP_METRICS)
@@ -117,7 +120,8 @@ def test_json_structure_figures_and_progress(analysis):
     for name in saved["figures"].values():
         with open(os.path.join(dirs["out"], name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert set(saved["figures"]) == {"tau", "null_space", "row_space", "lipschitz", "alpha_sweep", "tau_along_alpha"}
+    assert list(saved["figures"]) == ["tau", "null_space", "row_space", "lipschitz", "tau_attacks", "alpha_sweep",
+                                      "tau_along_alpha"]
     # SPEC §11's weight and activation findings are a function of this JSON
     found, unchecked = findings.analysis_findings(saved)
     for f in found.values():
@@ -142,6 +146,8 @@ def test_adversarial_inputs_path_matches_the_unsafe_set(analysis):
         rows = result["row_space"][m]["sets"]
         np.testing.assert_allclose(rows["adversarial"]["delta_over_input_mean"], rows["unsafe"]["delta_over_input_mean"],
                                    rtol=1e-4)
+        np.testing.assert_allclose(rows["adversarial"]["row_scores_std"], rows["unsafe"]["row_scores_std"], rtol=1e-3,
+                                   atol=1e-7)
         np.testing.assert_allclose(result["lipschitz"][m]["adversarial"]["scores"],
                                    result["lipschitz"][m]["unsafe"]["scores"], rtol=1e-4)
 

@@ -60,9 +60,11 @@ def test_every_stage_and_the_report(study_dir):
         assert any(f"**{v}**" in row for v in ("held", "partly", "not held", "not tested"))
     for fig in results["analysis"]["figures"].values():
         assert os.path.getsize(os.path.join(report_dir, fig)) > 0 and f"]({fig})" in text
-    # one table row per (method, lr) with a cell for every column
+    # the seed-mean table and the per-model table: one row per (method, lr) each (one seed in micro),
+    # a cell for every column
     rows = [line for line in text.splitlines() if line.startswith(("| ssft", "| dpo", "| unlearn"))]
-    assert len(rows) == 6 and all(line.count("|") == 9 for line in rows)
+    assert len(rows) == 12 and all(line.count("|") == 9 for line in rows)
+    assert [r.split(" | ")[0] for r in rows[:6]] == [f"| {r.split(' | ')[0][2:]} (1)" for r in rows[6:]]
     on_disk = json.load(open(os.path.join(report_dir, "results.json")))
     assert list(on_disk["findings"]) == [f for f, _ in findings.FINDINGS]
     assert on_disk["config"] == json.loads(json.dumps(_micro().to_dict()))  # the config the study ran

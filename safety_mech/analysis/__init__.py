@@ -6,7 +6,8 @@ lipschitz     §10.5       ‖∂ max_v z_v / ∂E‖_F at EOT
 realmodels    §10.7       §10.1-10.2 for two safetensors checkpoints, streamed (optional extra)
 interventions §10.6       θ(α) = θ_IT + α(θ_ST − θ_IT) (all weights or MLP only), α sweeps of a caller's
                           metrics and of τ; ΔW arithmetic (``finetune_losses.delta_arithmetic``)
-plots         §10.1-10.6  matplotlib figures (Agg) from the JSON numbers, one PNG per call
+plots         §10.2-10.6  matplotlib figures (Agg) shaped like the paper's, one PNG per call, one palette
+figures       §10         the study's figures from analysis.json and the evaluation metrics (via plots)
 probes        §7, §9      logistic probes of the residual stream (unsafe vs safe, text branch); Null /
                           Instruct split by branch, always-unsafe operators, PCFG, posterior
 bayes         §7, §9      the Bayes reading of an input: window counts per (PCFG, branch), exact

@@ -150,7 +150,14 @@ def weight_entry(params_it, params_st, energy, top) -> dict:
 
 
 def row_space_entry(params_it, params_st, model_cfg, eval_sets, adversarial, top, batch_size) -> dict:
-    """§10.3 for the first MLP layer (c_fc), a = the fine-tuned model's MLP inputs at EOT..EOT+9."""
+    """§10.3 for the first MLP layer (c_fc), a = the fine-tuned model's MLP inputs at EOT..EOT+9.
+
+    Per set, one list per layer: ``delta_over_input`` / ``delta_over_base`` mean and std over every
+    (example, position); ``delta_over_input_per_position`` [P]; ``projections_abs_mean`` [top], the
+    mean of σ_j·|cos(a, v_j)| (v_j: ΔW's right singular vectors) over every (example, position); and
+    the row-space scores ``row_scores_mean`` / ``row_scores_std`` [top]: each example's window mean
+    of σ_j·|cos(a, v_j)|, then their mean and std over examples (the mean equals
+    ``projections_abs_mean``; the std is the spread between examples)."""
     it = weights.matrices_from_params(params_it, r"/mlp/c_fc$")
     st = weights.matrices_from_params(params_st, r"/mlp/c_fc$")
     inputs = {name: activations.collect_window(params_st, model_cfg, b["tokens_true"], b["prompt_len"],
@@ -173,6 +180,9 @@ def row_space_entry(params_it, params_st, model_cfg, eval_sets, adversarial, top
                 [float(v) for v in r["delta_over_input"].mean(0)])
             entry.setdefault("projections_abs_mean", []).append(
                 [float(v) for v in np.abs(r["projections"]).mean((0, 1))])
+            per_example = np.abs(r["projections"]).mean(1)  # [N, top]: window mean of σ_j |cos(a, v_j)|
+            entry.setdefault("row_scores_mean", []).append([float(v) for v in per_example.mean(0)])
+            entry.setdefault("row_scores_std", []).append([float(v) for v in per_example.std(0)])
         svals.append([float(v) for v in r["singular_values"]])
     return dict(matrix="mlp/c_fc", singular_values=svals, sets=sets)
 

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from safety_mech import attacks, files, safety_data
-from safety_mech.analysis import entries, interventions, plots
+from safety_mech.analysis import entries, figures, interventions
 from safety_mech.runs import RunDir, RunError, config_diff
 
 ALPHA_MODES = ("all", "mlp")
@@ -166,29 +166,10 @@ def load_models(base: str, runs: Sequence[str], cfg: AnalysisConfig, log: Callab
 
 
 def make_figures(result: dict, out: str) -> dict:
-    """The PNGs of §10 from the JSON numbers; returns {figure: file name}."""
-    ft = [m for m in result["models"] if m != BASE_NAME]
-    tau, w, lip = result["tau"], result["weights"], result["lipschitz"]
-    figs = {}
-
-    def save(name, fn, *args):
-        figs[name] = os.path.basename(fn(*args, os.path.join(out, f"{name}.png")))
-
-    save("tau", plots.plot_tau, tau)
-    save("null_space", plots.plot_null_space_scores, {
-        m: {f"{layer}/{name}": dict(scores=mat["null_space"]["scores"],
-                                    baseline=mat["null_space"]["random_score_expected"])
-            for layer, per in w[m].items() for name, mat in per.items()} for m in ft})
-    save("row_space", plots.plot_row_space, {
-        m: {s: v["delta_over_input_mean"] for s, v in result["row_space"][m]["sets"].items()} for m in ft})
-    save("lipschitz", plots.plot_lipschitz, {
-        f"{m} | {s}": {"W_IT": lip[BASE_NAME][s]["scores"], "W_ST": lip[m][s]["scores"]}
-        for m in ft for s in ("safe", "unsafe")})
-    sweeps = {f"{m} ({mode})": sw for m in ft for mode, sw in result["alpha_sweep"][m].items()}
-    if sweeps:
-        save("alpha_sweep", plots.plot_alpha_sweep, sweeps)
-        save("tau_along_alpha", plots.plot_tau_along_alpha, sweeps)
-    return figs
+    """The PNGs of §10 from the JSON numbers (``figures.analysis_figures``): ``tau`` (Fig. 3),
+    ``null_space`` (Fig. 4), ``row_space`` (Fig. 5), ``lipschitz`` (Fig. 6), ``tau_attacks``
+    (Fig. 7), ``alpha_sweep`` and ``tau_along_alpha`` (§10.6); returns {figure: file name}."""
+    return figures.analysis_figures(result, out)
 
 
 def analyze(base: str, runs: Sequence[str], out: str, cfg: AnalysisConfig = AnalysisConfig(),
