@@ -237,24 +237,25 @@ def plan(sweep: Sweep, stage: str | None = None) -> list[Run]:
     for i, j in itertools.combinations(range(len(points)), 2):
         if points[i] == points[j]:
             raise ConfigError(f"points {i + 1} and {j + 1} are the same ({points[i]})")
+    replica_keys = {f"{group_of(kind)}.{rkey}" for kind in kinds(sweep, stage) for rkey in REPLICA_KEYS}
     by_rest: dict = {}
     for i, p in enumerate(points):
-        rest = tuple(sorted((k, repr(v)) for k, v in p.items() if not is_replica_key(k)))
+        rest = tuple(sorted((k, repr(v)) for k, v in p.items() if k not in replica_keys))
         by_rest.setdefault(rest, []).append(i)
     runs = []
     for members in by_rest.values():
-        merged = _merge(sweep, stage, points, cfgs, members)
+        merged = _merge(sweep, stage, points, cfgs, members, replica_keys)
         runs.extend([merged] if merged else [Run("", points[i], cfgs[i], [i]) for i in members])
-    _name_runs(runs, points)
+    _name_runs(runs, points, replica_keys)
     return runs
 
 
-def _merge(sweep, stage, points, cfgs, members) -> Run | None:
-    """One run of replicas for ``members`` (points differing only in lrs / seeds) if together they
-    make a full lrs × seeds grid of every kind, else None."""
+def _merge(sweep, stage, points, cfgs, members, replica_keys) -> Run | None:
+    """One run of replicas for ``members`` (points differing only in the stage's ``replica_keys``) if
+    together they make a full lrs × seeds grid of every kind, else None."""
     if len(members) == 1:
         return None
-    overrides = {k: v for k, v in points[members[0]].items() if not is_replica_key(k)}
+    overrides = {k: v for k, v in points[members[0]].items() if k not in replica_keys}
     swept = [kind for kind in kinds(sweep, stage)  # the kinds whose replicas the points set
              if any(f"{group_of(kind)}.{rkey}" in points[i] for i in members for rkey in REPLICA_KEYS)]
     for kind in swept:
@@ -296,10 +297,10 @@ def name_of(overrides: dict, short: dict) -> str:
     return text.replace("/", "_").replace(" ", "") or "base"
 
 
-def _name_runs(runs: list[Run], points: list[dict]) -> None:
+def _name_runs(runs: list[Run], points: list[dict], replica_keys) -> None:
     short = short_keys(k for p in points for k in p)
     for r in runs:
-        r.name = name_of({k: v for k, v in r.overrides.items() if not is_replica_key(k)}, short)
+        r.name = name_of({k: v for k, v in r.overrides.items() if k not in replica_keys}, short)
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:

@@ -56,6 +56,15 @@ def test_plan_lr_seed_grid_or_separate_runs():
     assert [r.points for r in runs] == [[0], [1]] and len({r.name for r in runs}) == 2
 
 
+def test_pretraining_seeds_are_separate_runs_in_the_finetune_stage():
+    """A fine-tuned run has one base: points that differ in the pretraining seed are not replicas there."""
+    sweep = _sweep(sweeps.axis("pretrain.train.seeds", [0, 1]), ("ssft/eval/safe/gen_instruct",), "finetune",
+                   methods=("ssft",))
+    runs = sweeps.plan(sweep)
+    assert [r.points for r in runs] == [[0], [1]] and [r.name for r in runs] == ["seeds=0", "seeds=1"]
+    assert [tuple(r.config.pretrain.train.seeds) for r in runs] == [(0,), (1,)]
+
+
 def test_bad_point_fails_before_any_work(tmp_path):
     points = [{"pretrain.train.seeds": s} for s in range(16)] + [{"pretrain.data.min_lenn": 6}]
     workdir = tmp_path / "w"
