@@ -155,6 +155,7 @@ def evaluate_run(run_dir: str, cfg: EvaluationConfig = EvaluationConfig()) -> di
         files.write_npz(os.path.join(eval_dir, ADVERSARIAL_FILE), adversarial)
     files.write_text(os.path.join(eval_dir, "info.json"), json.dumps(info, indent=2) + "\n")
     files.write_text(os.path.join(eval_dir, "table.md"), table)
-    files.write_json(os.path.join(eval_dir, "metrics.json"), out, sort_keys=True)  # last: marks the stage done
+    files.write_json(os.path.join(eval_dir, "metrics.json"), out, sort_keys=True)
+    files.write_manifest(eval_dir)  # last: marks the stage done (runs.stage_output_done)
     logging.info("wrote %s/{metrics.json,table.md,info.json}", eval_dir)
     return out

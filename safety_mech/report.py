@@ -11,10 +11,12 @@ import json
 import os
 
 from safety_mech import files, findings, tables
-from safety_mech.runs import RunDir
+from safety_mech.runs import RunDir, check_stage_output
 
 def collect(pretrain_dir: str, finetune_dirs: dict, analysis_dir: str, timings: dict) -> dict:
     """Every number of the study from its run directories (see ``launch.reproduce``)."""
+    for d in [os.path.join(d, "eval") for d in finetune_dirs.values()] + [analysis_dir]:
+        check_stage_output(d)
     evals = {m: files.read_json(os.path.join(d, "eval", "metrics.json")) for m, d in finetune_dirs.items()}
     final = lambda d: RunDir.open(d).metrics.final()  # noqa: E731
     results = {

@@ -21,6 +21,7 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 
 from safety_mech import checkpoint as ckpt_lib
@@ -28,6 +29,7 @@ from safety_mech import metrics as metrics_lib
 from safety_mech import model as model_lib
 from safety_mech import replicas
 from safety_mech import setups
+from safety_mech import files
 from safety_mech.files import MetricsLog
 
 
@@ -146,6 +148,7 @@ class RunDir:
         path = os.path.join(self.path, "eval", "metrics.json")
         if not os.path.exists(path):
             raise RunError(f"{self.where} has no eval/metrics.json; run python -m launch.evaluate --run {self.path}")
+        check_stage_output(os.path.dirname(path))
         with open(path) as f:
             return json.load(f)
 
@@ -207,6 +210,22 @@ class RunDir:
         if not 0 <= replica < R:
             raise RunError(f"replica {replica} outside 0..{R - 1} ({self.where} has {R})")
         return replicas.select(self.load_params(step), replica)
+
+
+def stage_output_done(directory: str) -> bool:
+    """Whether a stage's output directory (``<run>/eval``, ``analysis/``) is complete: its
+    ``SHA256SUMS``, written after every other file, matches them."""
+    return files.check_manifest(directory) is None
+
+
+def check_stage_output(directory: str) -> None:
+    """Before reading a stage's output directory: a :class:`RunError` naming the problem when its
+    files do not match their ``SHA256SUMS`` (a warning when it has none: written by an older version)."""
+    problem = files.check_manifest(directory)
+    if problem == f"no {files.MANIFEST}":
+        logging.warning("%s has no %s: read unverified", directory, files.MANIFEST)
+    elif problem:
+        raise RunError(f"{directory} is corrupt or incomplete ({problem}); delete it and rerun its stage")
 
 
 def check_new_or_same(workdir: str, config_dict: dict) -> bool:

@@ -15,7 +15,7 @@ report. Each launcher in ``launch/`` is flags -> one of these calls.
       report/                   REPORT.md, results.json and the figures
 
   Rerunning skips finished stages (a training run whose last metrics line is its final one at its
-  last step; an evaluation or analysis whose output file exists) and resumes an interrupted one.
+  last step; an evaluation or analysis whose output directory matches its SHA256SUMS) and resumes an interrupted one.
   The config (``configs/reproduce.py``) is checked completely before any work starts.
   ``timings.json`` records each stage's wall time. Compiled programs are cached in
   ``<workdir>/.jax_cache`` (JAX's persistent compilation cache) unless a cache is configured.
@@ -39,7 +39,7 @@ from safety_mech import optim
 from safety_mech import sharding as sharding_lib
 from safety_mech import train as train_lib
 from safety_mech.analysis import suite
-from safety_mech.runs import RunDir, RunError, check_new_or_same, config_diff
+from safety_mech.runs import RunDir, RunError, check_new_or_same, config_diff, stage_output_done
 
 METHODS = finetune_losses.METHODS
 
@@ -224,10 +224,10 @@ def reproduce(cfg, workdir: str, *, distributed: bool = False, compilation_cache
         stage(f"finetune/{m}", finished(ft_dirs[m]),
               lambda m=m: finetune(cfg.finetune[m], pre_dir, ft_dirs[m], distributed=distributed))
     for m in METHODS:
-        stage(f"evaluate/{m}", os.path.exists(os.path.join(ft_dirs[m], "eval", "metrics.json")),
+        stage(f"evaluate/{m}", stage_output_done(os.path.join(ft_dirs[m], "eval")),
               lambda m=m: evaluate(ft_dirs[m], study.evaluate))
     analysis_dir = os.path.join(workdir, "analysis")
-    stage("analyze", os.path.exists(os.path.join(analysis_dir, "analysis.json")),
+    stage("analyze", stage_output_done(analysis_dir),
           lambda: analyze(pre_dir, [ft_dirs[m] for m in METHODS], analysis_dir, study.analyze))
     report_dir = os.path.join(workdir, "report")
     results = report.collect(pre_dir, ft_dirs, analysis_dir, stage.timings)

@@ -109,6 +109,30 @@ def test_rerun_skips_finished_stages(study_dir):
     assert json.load(open(os.path.join(workdir, "timings.json"))) == before
 
 
+def test_a_corrupt_stage_output_is_redone(study_dir, tmp_path):
+    """The evaluation and analysis outputs carry a SHA256SUMS: a byte flipped in one is refused by
+    their reader, and a rerun redoes that stage (only) with the same numbers."""
+    import shutil
+
+    from safety_mech.runs import RunError, check_stage_output, stage_output_done
+
+    workdir, results = study_dir
+    copy = str(tmp_path / "study")
+    shutil.copytree(workdir, copy)
+    eval_dir = os.path.join(copy, "dpo", "eval")
+    assert stage_output_done(eval_dir) and stage_output_done(os.path.join(copy, "analysis"))
+    path = os.path.join(eval_dir, "metrics.json")
+    text = open(path).read()
+    open(path, "w").write(text.replace("0", "1", 1))
+    with pytest.raises(RunError, match=r"dpo/eval is corrupt or incomplete \(metrics.json does not match its checksum\)"):
+        check_stage_output(eval_dir)
+    timings = json.load(open(os.path.join(copy, "timings.json")))
+    redone = study.reproduce(_micro(), copy)
+    after = json.load(open(os.path.join(copy, "timings.json")))
+    assert [k for k in after if after[k] != timings[k]] == ["evaluate/dpo"]
+    assert redone["eval"] == results["eval"] and redone["findings"] == results["findings"]
+
+
 def test_bad_configs_fail_before_any_work(tmp_path):
     workdir = str(tmp_path / "w")
     cfg = _micro()

@@ -28,6 +28,7 @@ from safety_mech import data as data_lib
 from safety_mech import metrics as metrics_lib
 from safety_mech import model as model_lib
 from safety_mech.analysis import activations, interventions, lipschitz, weights
+from safety_mech.runs import check_stage_output
 
 SETS = safety_data.EVAL_SETS
 ADVERSARIAL = "adversarial"
@@ -97,6 +98,7 @@ def saved_adversarial(info: dict, params, model_cfg) -> tuple[dict, str] | None:
     path = os.path.join(info["run"], "eval", "adversarial.npz")
     if not os.path.exists(path):
         return None
+    check_stage_output(os.path.dirname(path))
     with np.load(path) as f:
         saved = {k: f[k] for k in f.files}
     if int(saved["step"]) != info["step"] or info["replica"] >= saved["soft"].shape[0]:

@@ -236,4 +236,5 @@ def analyze(base: str, runs: Sequence[str], out: str, cfg: AnalysisConfig = Anal
     log("writing figures and %s", os.path.join(out, "analysis.json"))
     result["figures"] = make_figures(result, out)
     files.write_json(os.path.join(out, "analysis.json"), result)
+    files.write_manifest(out)  # last: marks the stage done (runs.stage_output_done)
     return result
