@@ -105,7 +105,8 @@ def test_missing_or_corrupt_checkpoint_names_the_flag(run, tmp_path):
             with open(os.path.join(root, name), "w") as f:
                 f.write("garbage")
     r = RunDir.open(path, "--run")
-    assert _error(r.load_params, "cannot load params of step 5").startswith(f"--run {r.path}: ")
+    assert _error(r.load_params, r"checkpoints/5 is corrupt: params/.* does not match its checksum").startswith(
+        f"--run {r.path}: ")
 
 
 @pytest.mark.parametrize("edit,match", [
