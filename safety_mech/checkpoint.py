@@ -106,8 +106,8 @@ def restore_state(manager: ocp.CheckpointManager, template, step: int | None = N
                 step = candidate
                 break
             logging.warning("checkpoint %s is not usable (%s): skipped", step_dir(directory, candidate), problem)
-    elif check_step(directory, step):
-        raise CheckpointError(f"checkpoint {step_dir(directory, step)}: {check_step(directory, step)} (corrupt); "
+    elif (problem := check_step(directory, step)) is not None:
+        raise CheckpointError(f"checkpoint {step_dir(directory, step)} is not usable: {problem}; "
                               "delete it to resume from an earlier one")
     if step is None and not manager.all_steps():
         raise CheckpointError(f"no checkpoint found in {directory}")

@@ -21,15 +21,13 @@ import os
 
 import jax
 import ml_collections
-from absl import logging
 import numpy as np
+from absl import logging
 
 from safety_mech import checkpoint as ckpt_lib
+from safety_mech import files, replicas, setups
 from safety_mech import metrics as metrics_lib
 from safety_mech import model as model_lib
-from safety_mech import replicas
-from safety_mech import setups
-from safety_mech import files
 from safety_mech.files import MetricsLog
 
 
