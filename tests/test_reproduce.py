@@ -10,7 +10,7 @@ import pytest
 
 import launch_cli
 from configs import reproduce as reproduce_config
-from safety_mech import findings, study
+from safety_mech import files, findings, study
 from safety_mech.runs import RunDir
 from safety_mech.setups import ConfigError
 
@@ -152,3 +152,38 @@ def test_bad_configs_fail_before_any_work(tmp_path):
                                                 "configs/reproduce.py:micro", "--config.pretrain.train.steps=0"))
     assert last == "error: config.train: steps must be >= 1, got 0", last
     assert not os.path.exists(workdir)
+
+
+def test_killed_at_random_moments_then_rerun(study_dir, tmp_path):
+    """Fault injection: ``launch.reproduce`` killed with SIGKILL at three random moments (a seeded
+    draw, so every CI run kills at the same ones), each time rerun with the same command; the
+    finished study's numbers equal the uninterrupted one's."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, results = study_dir
+    workdir = str(tmp_path / "killed")
+    sets = "(" + ",".join(f"'{s}'" for s in SETS) + ")"
+    args = [sys.executable, "-m", "launch.reproduce", "--config", "configs/reproduce.py:micro", "--workdir", workdir,
+            f"--config.evaluate.sets={sets}", f"--config.analyze.sets={sets}"]
+    rng = random.Random(0)
+    stages = []
+    for _ in range(3):
+        proc = subprocess.Popen(args, cwd=launch_cli.ROOT, env=launch_cli.ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(8.0, 30.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        timings = os.path.join(workdir, "timings.json")
+        stages.append(sorted(json.load(open(timings))) if os.path.exists(timings) else [])
+    assert stages[-1] != sorted(results["timings_s"]), "the kills came after the study had finished"
+    final = subprocess.run(args, cwd=launch_cli.ROOT, env=launch_cli.ENV, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    done = json.load(open(os.path.join(workdir, "report", "results.json")))
+    expected = files.sanitize({k: results[k] for k in ("pretrain", "finetune_final", "eval", "findings")})
+    assert {k: done[k] for k in expected} == expected
+    for section in ("weights", "row_space", "tau", "lipschitz", "alpha_sweep"):
+        assert done["analysis"][section] == files.sanitize(results["analysis"][section]), section
