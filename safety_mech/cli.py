@@ -1,10 +1,12 @@
-"""What every launcher shares: one-line errors for bad flags, bad configs and bad run directories,
-a non-zero exit, and nothing written.
+"""What every launcher shares: one-line errors for bad flags, bad configs, bad run directories and
+directories that cannot be written, a non-zero exit, and nothing written.
 
 A launcher is flags -> one library call (``study.py``); :func:`main` wraps that call.
 """
 from __future__ import annotations
 
+import difflib
+import errno
 import importlib
 import logging as std_logging
 import sys
@@ -12,10 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from safety_mech import checkpoint as ckpt_lib
-from safety_mech import host_memory, setups
+from safety_mech import convert, grammar, host_memory, setups
+from safety_mech.analysis import realmodels
 from safety_mech.runs import RunError
 from safety_mech.train import NonFiniteLossError
 
@@ -39,7 +42,37 @@ class ConfigFlag:
 
 
 # The errors a launcher reports as one line and a non-zero exit.
-USER_ERRORS = (setups.ConfigError, RunError, ckpt_lib.CheckpointError, NonFiniteLossError)
+USER_ERRORS = (setups.ConfigError, RunError, ckpt_lib.CheckpointError, NonFiniteLossError, grammar.GrammarError,
+               convert.ConvertError, realmodels.CheckpointPairError)
+# OSError numbers of a directory that cannot be written: reported as one line, not a traceback
+WRITE_ERRNOS = {errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "make it writable",
+                errno.ENOSPC: "free space", errno.EDQUOT: "free space"}
+
+
+def _unknown_key(argv) -> str | None:
+    """For a ``--config.<key>`` override naming a key the config lacks: which override, which key and
+    the nearest existing one; None when the config cannot be loaded or every key exists."""
+    args = list(argv[1:])
+    paths = [a.split("=", 1)[1] if "=" in a else (args[i + 1] if i + 1 < len(args) else None)
+             for i, a in enumerate(args) if a.split("=", 1)[0] == "--config"]
+    try:
+        config = flags.FLAGS["config"].parser.parse(paths[-1])
+    except Exception:  # noqa: BLE001 (no --config, or its own error: the generic message)
+        return None
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        node, parts = config, arg.split("=", 1)[0][2:].split(".")
+        for i, part in enumerate(parts[1:], 1):
+            if not isinstance(node, ConfigDict):
+                break
+            if part not in node:
+                group = ".".join(parts[:i])
+                hint = difflib.get_close_matches(part, list(node.keys()), 1)
+                return f"{arg}: {group} has no key {part!r}; " + (
+                    f"did you mean {group}.{hint[0]}?" if hint else f"its keys: {', '.join(node.keys())}")
+            node = node[part]
+    return None
 
 
 def parse_flags(argv):
@@ -52,6 +85,8 @@ def parse_flags(argv):
             sys.exit(f"error: --config: {text.splitlines()[-1]}")
         sys.exit(f"error: {' '.join(text.split())}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # config_flags: unknown key / bad override
+        if isinstance(e, (AttributeError, KeyError)) and (message := _unknown_key(argv)):
+            sys.exit(f"error: {message}")
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config.")) or "--config"
         sys.exit(f"error: cannot apply {overrides}: {type(e).__name__} {' '.join(str(e).split())}")
 
@@ -65,7 +100,8 @@ class QuietOrbax(std_logging.Filter):
 
 def main(argv, required: Sequence[str], run_fn: Callable[[], Any]) -> None:
     """A launcher's ``main``: no positional arguments, the ``required`` flags set, then ``run_fn()``
-    with its errors (:data:`USER_ERRORS`) as one line and a non-zero exit."""
+    with its errors (:data:`USER_ERRORS`, and a directory it cannot write: :data:`WRITE_ERRNOS`) as
+    one line and a non-zero exit."""
     host_memory.keep_freed_memory()  # before the first computation: see host_memory.py
     logging.get_absl_handler().addFilter(QuietOrbax())
     if len(argv) > 1:
@@ -77,3 +113,8 @@ def main(argv, required: Sequence[str], run_fn: Callable[[], Any]) -> None:
         run_fn()
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        sys.exit(f"error: cannot write{where}: {e.strerror}; {WRITE_ERRNOS[e.errno]} or choose another directory")

@@ -30,6 +30,11 @@ import numpy as np
 
 from safety_mech.model import ModelConfig, sinusoidal_positions
 
+
+class ConvertError(ValueError):
+    """A REF checkpoint that does not fit the model config, or is not a REF checkpoint (one line)."""
+
+
 _PREFIXES = ("module.", "_orig_mod.")
 _IGNORED = re.compile(r"transformer\.h\.\d+\.(attn\.bias|attn\.masked_bias|ln_2\.(weight|bias))$")
 _LAYER = re.compile(r"transformer\.h\.(\d+)\.")
@@ -67,7 +72,7 @@ def config_from_ref_state_dict(state_dict: Mapping[str, Any], **overrides) -> Mo
     ``overrides`` if the checkpoint differs."""
     sd = _normalise(state_dict)
     if "transformer.wte.weight" not in sd:
-        raise ValueError("no 'transformer.wte.weight' in the state_dict: is this a REF checkpoint?")
+        raise ConvertError("no 'transformer.wte.weight' in the state_dict: is this a REF checkpoint?")
     vocab, d_model = sd["transformer.wte.weight"].shape
     fields = dict(n_layer=_n_layers(sd), d_model=int(d_model),
                   vocab_size=min(int(vocab), ModelConfig.vocab_size), block="paper", pos="sinusoidal")
@@ -80,8 +85,8 @@ def config_from_ref_state_dict(state_dict: Mapping[str, Any], **overrides) -> Mo
 def params_from_ref_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
     """Convert a REF state_dict (name -> numpy or torch tensor) into our float32 params dict."""
     if cfg.block != "paper" or cfg.pos != "sinusoidal":
-        raise ValueError(f"REF checkpoints are block='paper', pos='sinusoidal'; got block={cfg.block!r}, "
-                         f"pos={cfg.pos!r}: use dataclasses.replace(cfg, block='paper', pos='sinusoidal')")
+        raise ConvertError(f"REF checkpoints are block='paper', pos='sinusoidal'; got block={cfg.block!r}, "
+                           f"pos={cfg.pos!r}: use dataclasses.replace(cfg, block='paper', pos='sinusoidal')")
     sd = _normalise(state_dict)
     C, F, V = cfg.d_model, cfg.d_mlp, cfg.vocab_size
     fix = "pass a cfg that matches the checkpoint, e.g. config_from_ref_state_dict(state_dict)"
@@ -89,11 +94,12 @@ def params_from_ref_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) 
 
     def get(key, shape):
         if key not in sd:
-            raise ValueError(f"missing key {key!r} in the REF state_dict; {fix}")
+            raise ConvertError(f"missing key {key!r} in the REF state_dict (an incomplete file, or not REF's model); "
+                               "use a complete REF checkpoint")
         used.add(key)
         x = sd[key]
         if x.shape != shape:
-            raise ValueError(f"{key!r} has shape {tuple(x.shape)}, expected {shape}; {fix}")
+            raise ConvertError(f"{key!r} has shape {tuple(x.shape)}, expected {shape}; {fix}")
         return np.asarray(x, np.float32)
 
     def get_vocab(key):  # [V', C] with V' >= V: drop the never-trained rows >= V (REF's dup1..dup5)
@@ -109,7 +115,7 @@ def params_from_ref_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) 
 
     n_sd = _n_layers(sd)
     if n_sd != cfg.n_layer:
-        raise ValueError(f"the state_dict has {n_sd} layers but cfg.n_layer={cfg.n_layer}; {fix}")
+        raise ConvertError(f"the state_dict has {n_sd} layers but cfg.n_layer={cfg.n_layer}; {fix}")
 
     params = {"wte": {"embedding": get_vocab("transformer.wte.weight")}}
     for i in range(cfg.n_layer):
@@ -156,7 +162,7 @@ def load_ref_state_dict(path) -> dict[str, np.ndarray]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not any(_strip(k).endswith("wte.weight") for k in obj):
-        raise ValueError(f"{path}: no REF state_dict found (expected keys like 'transformer.wte.weight')")
+        raise ConvertError(f"{path}: no REF state_dict found (expected keys like 'transformer.wte.weight')")
     return _normalise(obj)
 
 

@@ -73,10 +73,22 @@ def symbol_branch(name: str) -> int:
     return -1
 
 
+GRAMMAR_FILE = "grammars.json"  # shipped inside the package
+
+
+class GrammarError(RuntimeError):
+    """The shipped grammar file is missing or unreadable (one-line message)."""
+
+
 def load_grammar_data() -> dict:
     """The raw ``grammars.json`` shipped inside the package."""
-    text = importlib.resources.files("safety_mech").joinpath("grammars.json").read_text("utf-8")
-    return json.loads(text)
+    path = importlib.resources.files("safety_mech").joinpath(GRAMMAR_FILE)
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: JSON or UTF-8 decoding
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        raise GrammarError(f"cannot read the grammar file {path}: {reason}; reinstall the package "
+                           "(pip install -e .)") from None
 
 
 def legacy_permutation(seed: int, n: int = N_LETTERS) -> np.ndarray:

@@ -132,7 +132,8 @@ def write(report_dir: str, results: dict, config: dict | None = None) -> None:
     the JSON and Markdown are written atomically."""
     from safety_mech.analysis import figures  # matplotlib: only when a report is written
 
-    clean = files.sanitize(json.loads(json.dumps({**results, "config": config}, default=str)))  # NaN -> null
+    # sanitize first (NumPy scalars -> plain, NaN -> null), then anything else JSON lacks as text
+    clean = json.loads(json.dumps(files.sanitize({**results, "config": config}), default=str))
     files.write_json(os.path.join(report_dir, "results.json"), clean)
     shown = {**results["analysis"].get("figures", {}), **figures.attack_figures(results["eval"], report_dir)}
     files.write_text(os.path.join(report_dir, "REPORT.md"),

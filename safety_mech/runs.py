@@ -195,7 +195,8 @@ class RunDir:
                 raise RunError(f"{self.where}: params{jax.tree_util.keystr(p)} is {got.dtype}{list(got.shape)}, "
                                f"expected {want.dtype}{list(lead + tuple(want.shape))} ({self.n_replicas} replica(s))")
             if not np.all(np.isfinite(got)):
-                raise RunError(f"{self.where}: params{jax.tree_util.keystr(p)} at step {step} holds NaN or inf")
+                raise RunError(f"{self.where}: params{jax.tree_util.keystr(p)} at step {step} holds NaN or inf; "
+                               "retrain the run (a lower learning rate) or use an earlier checkpoint")
         return params
 
     def replica_params(self, replica: int | None, step: int | None = None):

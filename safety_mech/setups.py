@@ -3,7 +3,7 @@ dataclasses: one config system for every stage.
 
 Each ``validate_*`` function checks a whole config before any work starts and raises a one-line
 :class:`ConfigError` naming the key (an unknown key, a missing group, a value the dataclass
-rejects). Groups:
+rejects, or one of the wrong type). Groups:
 
 * pretraining: ``data`` (``data.DataConfig``), ``model`` (``model.ModelConfig`` without
   ``vocab_size`` / ``seq_len``, which follow from the grammar and the data), ``opt``
@@ -20,6 +20,7 @@ rejects). Groups:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import NamedTuple
 
 import ml_collections
@@ -51,6 +52,26 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the offending key."""
 
 
+# A value's type against its dataclass field's annotation (tuples are not checked: a scalar
+# learning rate or seed stands for a one-element tuple).
+_TYPE_CHECKS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+                "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+                "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+
+
+def check_types(cls, values: dict, where: str) -> None:
+    """A one-line :class:`ConfigError` for the first value of ``values`` whose type is not its
+    ``cls`` field's (int, float, bool, str, optionally ``| None``); other keys are not checked."""
+    for field in dataclasses.fields(cls):
+        kinds = [k.strip() for k in str(field.type).split("|")]
+        kind = [k for k in kinds if k != "None"]
+        if field.name not in values or len(kind) != 1 or kind[0] not in _TYPE_CHECKS:
+            continue
+        value = values[field.name]
+        if not (value is None and "None" in kinds) and not _TYPE_CHECKS[kind[0]](value):
+            raise ConfigError(f"{where}.{field.name}={value!r} is a {type(value).__name__}, expected {kind[0]}")
+
+
 def dataclass_from_config(cls, values, group: str | None):
     """Build the frozen dataclass ``cls`` from a mapping (``ConfigDict`` or dict) of config group
     ``group`` (``None``: the whole config is the group, as a launcher's flat ``--config``); unknown
@@ -62,6 +83,7 @@ def dataclass_from_config(cls, values, group: str | None):
     if unknown:
         raise ConfigError(f"unknown key(s) {where}.{{{', '.join(unknown)}}}; valid keys: {', '.join(sorted(fields))}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    check_types(cls, values, where)
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
@@ -103,6 +125,7 @@ class FinetuneSetup(NamedTuple):
 
 def _common(cfg, data_values: dict):
     """data, model, opt, train, eval of a pretraining or fine-tuning config."""
+    grammar.load_grammar_data()  # the data's grammars readable before any work (else a one-line GrammarError)
     data_cfg = dataclass_from_config(data_lib.DataConfig, data_values, "data")
     model_values = dict(cfg.model.to_dict())
     for key in DERIVED_MODEL_KEYS:
@@ -125,6 +148,8 @@ def validate_pretrain(cfg) -> PretrainSetup:
     """A ``configs/pretrain.py`` config as frozen dataclasses (see the module docstring)."""
     _check_groups(cfg, PRETRAIN_GROUPS)
     data_values = dict(cfg.data.to_dict())
+    check_types(train_lib.TrainConfig, cfg.train.to_dict(), "config.train")  # the curriculum defaults read them
+    check_types(optim.OptConfig, cfg.opt.to_dict(), "config.opt")
     steps, warmup = cfg.train.get("steps"), cfg.opt.get("warmup_steps")
     if data_values.get("curriculum_end_step") is None and isinstance(steps, int):
         data_values["curriculum_end_step"] = steps
@@ -213,7 +238,10 @@ def validate_study(cfg, evaluation_cls, analysis_cls) -> StudySetup:
     base = cfg.pretrain.to_dict()
     finetune = {}
     for m in METHODS:
-        resolved = inherit_from_base(cfg.finetune[m], base, "config.pretrain")
-        finetune[m] = (resolved, validate_finetune(resolved))
+        try:
+            resolved = inherit_from_base(cfg.finetune[m], base, "config.pretrain")
+            finetune[m] = (resolved, validate_finetune(resolved))
+        except ConfigError as e:  # which method's config: they have the same keys
+            raise ConfigError(f"config.finetune.{m}: {e}") from None
     return StudySetup(pre, finetune, validate_flat(evaluation_cls, cfg.evaluate, "evaluate"),
                       validate_flat(analysis_cls, cfg.analyze, "analyze"))

@@ -43,7 +43,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """The example axis must split evenly over the mesh."""
     n = mesh.shape[DATA_AXIS]
     if batch_size % n:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh")
+        raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the mesh; "
+                         f"use a multiple of {n}")
 
 
 def constrain_batch(batch, mesh: Mesh | None):

@@ -164,23 +164,25 @@ def test_killed_at_random_moments_then_rerun(study_dir, tmp_path):
     import sys
     import time
 
-    _, results = study_dir
+    reference, results = study_dir
     workdir = str(tmp_path / "killed")
+    # the uninterrupted study's compiled programs: the killed runs spend their time running, not compiling
+    env = {**launch_cli.ENV, "JAX_COMPILATION_CACHE_DIR": os.path.join(reference, ".jax_cache")}
     sets = "(" + ",".join(f"'{s}'" for s in SETS) + ")"
     args = [sys.executable, "-m", "launch.reproduce", "--config", "configs/reproduce.py:micro", "--workdir", workdir,
             f"--config.evaluate.sets={sets}", f"--config.analyze.sets={sets}"]
     rng = random.Random(0)
     stages = []
     for _ in range(3):
-        proc = subprocess.Popen(args, cwd=launch_cli.ROOT, env=launch_cli.ENV, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(args, cwd=launch_cli.ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(8.0, 30.0))
+        time.sleep(rng.uniform(6.0, 15.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         timings = os.path.join(workdir, "timings.json")
         stages.append(sorted(json.load(open(timings))) if os.path.exists(timings) else [])
     assert stages[-1] != sorted(results["timings_s"]), "the kills came after the study had finished"
-    final = subprocess.run(args, cwd=launch_cli.ROOT, env=launch_cli.ENV, capture_output=True, text=True, timeout=600)
+    final = subprocess.run(args, cwd=launch_cli.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     done = json.load(open(os.path.join(workdir, "report", "results.json")))
     expected = files.sanitize({k: results[k] for k in ("pretrain", "finetune_final", "eval", "findings")})

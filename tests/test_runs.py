@@ -132,7 +132,7 @@ def test_non_finite_params_are_rejected(run, tmp_path):
     cfg = run_dirs.micro_pretrain_config(lrs=LRS)
     path = run_dirs.write_pretrain_run(tmp_path / "nan", cfg, step=3, params_fn=poison)
     r = RunDir.open(path, "--base")
-    _error(r.load_params, rf"^--base {r.path}: params\['h_0'\]\['mlp'\]\['c_proj'\]\['kernel'\] at step 3 holds NaN or inf$")
+    _error(r.load_params, rf"^--base {r.path}: params\['h_0'\]\['mlp'\]\['c_proj'\]\['kernel'\] at step 3 holds NaN or inf; retrain")
     _error(lambda: r.replica_params(0), "holds NaN")  # the run as a whole is unusable
 
 

@@ -29,6 +29,10 @@ from safety_mech.analysis import weights
 DEFAULT_PATTERN = r"mlp"
 
 
+class CheckpointPairError(ValueError):
+    """Two checkpoints whose tensors cannot be compared pair by pair (one-line message)."""
+
+
 def _safe_open():
     try:
         from safetensors import safe_open
@@ -60,23 +64,25 @@ def safetensors_files(checkpoint) -> list[Path]:
     return files
 
 
-def tensor_index(files: Iterable[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """name -> (file holding it, shape), from the safetensors headers only (no tensor data is read)."""
+def tensor_index(files: Iterable[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """name -> (file holding it, shape, dtype such as ``F16``), from the safetensors headers only (no
+    tensor data is read)."""
     safe_open = _safe_open()
     index: dict = {}
     for f in files:
         with safe_open(str(f), framework="numpy") as handle:
             for name in handle.keys():
                 if name in index:
-                    raise ValueError(f"tensor {name!r} is in both {index[name][0]} and {f}")
-                index[name] = (Path(f), tuple(handle.get_slice(name).get_shape()))
+                    raise CheckpointPairError(f"tensor {name!r} is in both {index[name][0]} and {f}")
+                tensor = handle.get_slice(name)
+                index[name] = (Path(f), tuple(tensor.get_shape()), str(tensor.get_dtype()))
     return index
 
 
 def select_matrices(index: dict, pattern: str = DEFAULT_PATTERN) -> list[str]:
     """Names of the 2-D tensors whose name matches ``pattern`` (``re.search``), in sorted order."""
     regex = re.compile(pattern)
-    return sorted(n for n, (_, shape) in index.items() if len(shape) == 2 and regex.search(n))
+    return sorted(n for n, (_, shape, *_) in index.items() if len(shape) == 2 and regex.search(n))
 
 
 def _load(index: dict, name: str) -> np.ndarray:
@@ -86,18 +92,23 @@ def _load(index: dict, name: str) -> np.ndarray:
 
 def iter_matrix_pairs(base, tuned, pattern: str = DEFAULT_PATTERN, max_matrices: int | None = None):
     """Yield ``(name, W_base, W_tuned)`` one pair at a time, for the 2-D tensors of ``base`` matching
-    ``pattern``. Every selected name must exist in ``tuned`` with the same shape."""
+    ``pattern``. Every selected name must exist in ``tuned`` with the same shape and dtype (a
+    difference across dtypes would hold the rounding between them, not the fine-tuning)."""
     idx_b = tensor_index(safetensors_files(base))
     idx_t = tensor_index(safetensors_files(tuned))
     names = select_matrices(idx_b, pattern)
     if not names:
-        raise ValueError(f"no 2-D tensor in {base} matches pattern {pattern!r}")
+        raise CheckpointPairError(f"no 2-D tensor in {base} matches pattern {pattern!r}")
     missing = [n for n in names if n not in idx_t]
     if missing:
         raise KeyError(f"tensors of {base} missing from {tuned}: {missing[:5]}{'...' if len(missing) > 5 else ''}")
     for name in names[:max_matrices]:
         if idx_b[name][1] != idx_t[name][1]:
-            raise ValueError(f"{name}: shape {idx_b[name][1]} in {base} but {idx_t[name][1]} in {tuned}")
+            raise CheckpointPairError(f"{name}: shape {idx_b[name][1]} in {base} but {idx_t[name][1]} in {tuned}; "
+                                      "compare checkpoints of one architecture")
+        if idx_b[name][2] != idx_t[name][2]:
+            raise CheckpointPairError(f"{name}: dtype {idx_b[name][2]} in {base} but {idx_t[name][2]} in {tuned}; "
+                                      "save both checkpoints in one dtype")
         yield name, _load(idx_b, name), _load(idx_t, name)
 
 
