@@ -89,7 +89,7 @@ def test_verdicts_are_the_findings_of_the_saved_numbers(study_dir):
     recomputed = findings.study_findings({k: results[k] for k in ("eval", "analysis", "pretrain")})
     assert recomputed == results["findings"]
     on_disk = json.load(open(os.path.join(workdir, "report", "results.json")))
-    assert json.loads(json.dumps(recomputed, default=str)) == on_disk["findings"]
+    assert files.sanitize(recomputed) == on_disk["findings"]  # booleans stay booleans
     f = results["findings"]
     assert all(v["held"] in ("held", "partly", "not held", "not tested") for v in f.values())
     assert f["jailbreaks_succeed_more_than_unsafe"]["held"] != "not tested"  # jb_co_text was evaluated
@@ -126,10 +126,10 @@ def test_a_corrupt_stage_output_is_redone(study_dir, tmp_path):
     open(path, "w").write(text.replace("0", "1", 1))
     with pytest.raises(RunError, match=r"dpo/eval is corrupt or incomplete \(metrics.json does not match its checksum\)"):
         check_stage_output(eval_dir)
-    timings = json.load(open(os.path.join(copy, "timings.json")))
+    outputs = {d: os.path.getmtime(os.path.join(copy, d, "eval", "metrics.json")) for d in ("ssft", "unlearn")}
     redone = study.reproduce(_micro(), copy)
-    after = json.load(open(os.path.join(copy, "timings.json")))
-    assert [k for k in after if after[k] != timings[k]] == ["evaluate/dpo"]
+    assert open(path).read() == text and stage_output_done(eval_dir)  # the dpo evaluation was redone
+    assert {d: os.path.getmtime(os.path.join(copy, d, "eval", "metrics.json")) for d in outputs} == outputs
     assert redone["eval"] == results["eval"] and redone["findings"] == results["findings"]
 
 
