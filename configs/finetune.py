@@ -86,7 +86,8 @@ def get_config(arg: str = "ssft:tiny") -> ml_collections.ConfigDict:
     if size in ("tiny", "micro"):
         steps = TINY_STEPS[method]
         c.opt.update(lrs=(2e-3, 2e-4), warmup_steps=steps // 15, decay_end_step=steps)
-        c.train.update(steps=steps, batch_size=16, seeds=(0, 1), log_every=100, eval_every=steps, ckpt_every=steps)
+        c.train.update(steps=steps, batch_size=16, seeds=(0, 1), log_every=100, eval_every=steps,
+                       ckpt_every=steps // 4)  # a killed run resumes within a quarter of the run
         c.eval.update(n_periodic=256, n_final=1000, batch_size=500)
     if size == "micro":
         c.opt.update(warmup_steps=1, decay_end_step=4)

@@ -40,7 +40,7 @@ from absl import logging
 
 from safety_mech import files, findings, replicas, setups, study
 from safety_mech.analysis import probes
-from safety_mech.runs import RunDir
+from safety_mech.runs import RunDir, check_new_or_same
 from safety_mech.setups import ConfigError
 
 STAGES = ("pretrain", "finetune", "study")
@@ -328,8 +328,12 @@ def pretrain_dir(workdir: str, sweep: Sweep, run: Run) -> str:
 
 
 def done(workdir: str, sweep: Sweep, stage: str, run: Run) -> bool:
+    """Whether ``run`` has finished in ``workdir``; a finished pretraining run of another config (the
+    sweep file changed) is a ``RunError`` naming the keys."""
     d = run_dir(workdir, stage, run)
     if stage == "pretrain":
+        if os.path.exists(os.path.join(d, "config.json")):
+            check_new_or_same(d, run.config.pretrain.to_dict())
         return study.finished(d) and (not _wants_probes(sweep) or os.path.exists(os.path.join(d, "probes.json")))
     if stage == "finetune":
         return all(study.finished(os.path.join(d, m)) for m in sweep.methods)

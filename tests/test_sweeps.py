@@ -14,7 +14,7 @@ import pytest
 import launch_cli
 from configs import reproduce
 from safety_mech import files, metrics, sweep_report, sweeps
-from safety_mech.runs import RunDir
+from safety_mech.runs import RunDir, RunError
 from safety_mech.setups import ConfigError
 
 MICRO_SWEEP = os.path.join(launch_cli.ROOT, "configs", "sweeps", "micro_text_length.py")
@@ -200,6 +200,18 @@ def test_sweep_launch_killed_and_rerun(tmp_path):
     text = open(os.path.join(workdir, "comparison.md")).read()
     assert "6 of 6 points done" in text and "## Over seeds" in text
     assert os.path.getsize(os.path.join(workdir, "plot.png")) > 0
+
+
+def test_a_finished_run_of_another_config_is_refused(tmp_path):
+    sweep = sweeps.load(MICRO_SWEEP)
+    (run, _) = sweeps.plan(sweep)
+    d = sweeps.run_dir(str(tmp_path), "pretrain", run)
+    os.makedirs(d)
+    changed = run.config.pretrain.to_dict()
+    changed["train"]["steps"] = 7
+    files.write_json(os.path.join(d, "config.json"), changed)
+    with pytest.raises(RunError, match=r"holds a run with a different config \(train.steps\)"):
+        sweeps.done(str(tmp_path), sweep, "pretrain", run)
 
 
 def test_sweep_launch_errors(tmp_path):
