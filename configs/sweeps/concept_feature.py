@@ -9,8 +9,8 @@ paper's 0.5 text-only start), more layers and width, longer pretraining, ranged 
 Pretrain stage: held-out logistic-probe accuracy of each block's residual for the branch and for
 unsafe vs safe (``analysis.probes``, 4000 inputs per set), against the Bayes reading of the same
 text (0.962 at 12 letters, ``analysis.bayes``). Pretraining times on a 2-core CPU VM: 15, 4, 16 and
-30 minutes for points 1, 2, 3 and 5 (point 5 with another job on the machine). Results and readings:
-``docs/experiments.md`` §5.
+30 minutes for points 1, 2, 3 and 5 (point 5 with another job on the machine); point 4 took 2.4 hours
+on one core with other jobs on the other. Results and readings: ``docs/experiments.md`` §5.
 """
 from configs import reproduce
 
