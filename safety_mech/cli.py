@@ -5,7 +5,6 @@ A launcher is flags -> one library call (``study.py``); :func:`main` wraps that 
 """
 from __future__ import annotations
 
-import difflib
 import errno
 import importlib
 import logging as std_logging
@@ -62,16 +61,16 @@ def _unknown_key(argv) -> str | None:
     for arg in args:
         if not arg.startswith("--config."):
             continue
-        node, parts = config, arg.split("=", 1)[0][2:].split(".")
-        for i, part in enumerate(parts[1:], 1):
-            if not isinstance(node, ConfigDict):
-                break
-            if part not in node:
-                group = ".".join(parts[:i])
-                hint = difflib.get_close_matches(part, list(node.keys()), 1)
-                return f"{arg}: {group} has no key {part!r}; " + (
-                    f"did you mean {group}.{hint[0]}?" if hint else f"its keys: {', '.join(node.keys())}")
-            node = node[part]
+        missing = setups.missing_key(config, arg.split("=", 1)[0][len("--config."):].split("."))
+        if missing:
+            above, part, hint = missing
+            group = ".".join(["config"] + above)
+            node = config
+            for p in above:
+                node = node[p]
+            return f"{arg}: {group} has no key {part!r}; " + (
+                f"did you mean {group}.{hint}?" if hint else
+                f"its keys: {', '.join(node.keys())}" if isinstance(node, ConfigDict) else "it is not a group")
     return None
 
 

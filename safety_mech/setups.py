@@ -20,6 +20,7 @@ rejects, or one of the wrong type). Groups:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 from typing import NamedTuple
 
@@ -57,6 +58,19 @@ class ConfigError(ValueError):
 _TYPE_CHECKS = {"int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
                 "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
                 "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+
+
+def missing_key(cfg: ml_collections.ConfigDict, parts) -> tuple[list[str], str, str | None] | None:
+    """For a dotted key (``parts``) that ``cfg`` lacks: (the existing groups above it, the first
+    missing part, the nearest existing key there or None); None when the whole key exists."""
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            hint = difflib.get_close_matches(part, known, 1)
+            return list(parts[:i]), part, hint[0] if hint else None
+        node = node[part]
+    return None
 
 
 def check_types(cls, values: dict, where: str) -> None:

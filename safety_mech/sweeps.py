@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib.util
 import itertools
 import os
@@ -39,6 +38,7 @@ import ml_collections
 from absl import logging
 
 from safety_mech import files, findings, replicas, setups, study
+from safety_mech.train import fmt_duration
 from safety_mech.analysis import probes
 from safety_mech.runs import RunDir, check_new_or_same
 from safety_mech.setups import ConfigError
@@ -158,15 +158,15 @@ def apply(config: ml_collections.ConfigDict, overrides: dict, where: str) -> ml_
     one-line ``ConfigError`` starting with ``where``."""
     cfg = copy.deepcopy(config)
     for key, value in overrides.items():
-        node, parts = cfg, str(key).split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                hint = difflib.get_close_matches(part, known, 1)
-                raise ConfigError(f"{where}: unknown key {key!r}" +
-                                  (f"; did you mean {'.'.join(parts[:i] + hint)!r}?" if hint else ""))
-            if i < len(parts) - 1:
-                node = node[part]
+        parts = str(key).split(".")
+        missing = setups.missing_key(cfg, parts)
+        if missing:
+            above, _, hint = missing
+            raise ConfigError(f"{where}: unknown key {key!r}" +
+                              (f"; did you mean {'.'.join(above + [hint])!r}?" if hint else ""))
+        node = cfg
+        for part in parts[:-1]:
+            node = node[part]
         if isinstance(node[parts[-1]], ml_collections.ConfigDict):
             raise ConfigError(f"{where}: {key!r} is a group; override its keys")
         try:
@@ -402,18 +402,13 @@ def run(sweep: Sweep, workdir: str, stage: str | None = None, *, only: Sequence[
             logging.info("== sweep %s: run %d/%d %s finished earlier, skipped", sweep.name, k + 1, len(runs), r.name)
             continue
         left = sum(1 for x in runs[k:] if x.name in chosen and not done(workdir, sweep, stage, x))
-        eta = f", ETA {_duration(left * sum(times) / len(times))}" if times else ""
+        eta = f", ETA {fmt_duration(left * sum(times) / len(times))}" if times else ""
         logging.info("== sweep %s: run %d/%d %s (points %s; %d of %d points done%s)", sweep.name, k + 1, len(runs),
                      r.name, ",".join(str(i + 1) for i in r.points), finished, n, eta)
         t0 = time.perf_counter()
         _train(workdir, sweep, stage, r, distributed)
         times.append(time.perf_counter() - t0)
         table = sweep_report.write(workdir, sweep, stage, runs)
-        logging.info("== sweep %s: run %s done in %s; comparison %s", sweep.name, r.name, _duration(times[-1]),
+        logging.info("== sweep %s: run %s done in %s; comparison %s", sweep.name, r.name, fmt_duration(times[-1]),
                      os.path.join(workdir, "comparison.md"))
     return table
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"

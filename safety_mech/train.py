@@ -175,7 +175,8 @@ def host_step(state: TrainState) -> int:
     return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
+    """``1h02m03s`` / ``2m03s``: progress lines' durations and ETAs."""
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -247,7 +248,7 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
         acc = f" acc {_fmt(host['train/accuracy'], '.3f')}" if "train/accuracy" in host else ""
         speed = "compiled"
         if rates:
-            eta = _fmt_duration(rates["time/step_s"] * (n_steps - n))
+            eta = fmt_duration(rates["time/step_s"] * (n_steps - n))
             speed = f"{rates['time/tokens_per_s']:,.0f} tokens/s | ETA {eta}"
         logging.info("step %d/%d loss %s%s | %s", n, n_steps, _fmt(loss), acc, speed)
 
