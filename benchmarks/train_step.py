@@ -7,6 +7,7 @@
     python benchmarks/train_step.py --no-pack            # the paper preset packs rows; compare
     python benchmarks/train_step.py --data_step 100000   # batches from the curriculum's end
     python benchmarks/train_step.py --whole_run 5 --baseline  # 5 points over the run, + plain Flax
+    python benchmarks/train_step.py --batch 512 --dtype float32 --attention einsum --no-pack  # on a GPU
 
 Times are medians over ``--steps`` steps after compilation (each step blocked on). FLOPs per step:
 6·N·tokens for the dense layers (N = all parameters, forward + backward) plus 12·L·D·T² per sequence
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from configs import pretrain as pretrain_config
+from configs.common import SIZES
 from safety_mech import data as data_lib
 from safety_mech import host_memory
 from safety_mech import losses
@@ -63,10 +65,12 @@ def _at_step(state: train_lib.TrainState, data_step: int) -> train_lib.TrainStat
     return state._replace(step=jnp.full_like(state.step, data_step))
 
 
-def _build(preset: str, batch: int, n_replicas: int, pack: bool | None):
+def _build(preset: str, batch: int, n_replicas: int, pack: bool | None, model: dict | None = None):
     """(setup, step_fn, state, n_params, sample) of the preset's pretraining step, not yet compiled;
-    ``n_replicas`` replicas of the preset's learning rate (seeds 0 .. n_replicas − 1)."""
+    ``n_replicas`` replicas of the preset's learning rate (seeds 0 .. n_replicas − 1); ``model``:
+    overrides of the preset's ``model`` keys (e.g. ``dtype``, ``attention``)."""
     cfg = pretrain_config.get_config(preset)
+    cfg.model.update(model or {})
     cfg.train.batch_size, cfg.train.seeds = batch, tuple(range(n_replicas))
     cfg.opt.lrs = cfg.opt.lrs[:1]
     if pack is not None:
@@ -98,11 +102,11 @@ def _plain_step_fn(setup, batch: int):
 
 
 def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replicas: int = 1,
-              baseline: bool = False, pack: bool | None = None, data_step: int = 0) -> dict:
+              baseline: bool = False, pack: bool | None = None, data_step: int = 0, model: dict | None = None) -> dict:
     """Times of our pretraining step (and, with ``baseline``, of benchmarks/plain_gpt.py's step of the
     same size, interleaved step by step with ours). ``pack``: None = the preset's ``train.pack``;
     ``data_step``: the curriculum step the batches are drawn at."""
-    setup, step_fn, state, n_params, sample = _build(preset, batch, n_replicas, pack)
+    setup, step_fn, state, n_params, sample = _build(preset, batch, n_replicas, pack, model)
     T = setup.data.T
 
     t0 = time.perf_counter()
@@ -132,6 +136,7 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
     flops = step_flops(setup.model, n_params, rows_run, T) * n_replicas  # as computed (packed rows)
     return {"device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
             "preset": preset, "params": n_params, "batch": batch, "seq_len": T, "replicas": n_replicas,
+            "dtype": setup.model.dtype, "attention": setup.model.attention,
             "compile_s": compile_s, "ms_per_step": step_s * 1e3, "page_faults_per_step": step_faults,
             "sample_ms": sample_s * 1e3,
             "tokens_per_s": tokens / step_s, "gflop_per_step": flops / 1e9,
@@ -141,13 +146,13 @@ def benchmark(preset: str = "paper", batch: int = 64, steps: int = 10, n_replica
 
 
 def whole_run(preset: str = "paper", batch: int = 64, steps: int = 6, points: int = 5,
-              baseline: bool = False, pack: bool | None = None) -> dict:
+              baseline: bool = False, pack: bool | None = None, model: dict | None = None) -> dict:
     """Step times at ``points`` curriculum steps spread evenly over the preset's run (0 ... last), each
     the median of ``steps`` steps (interleaved with the plain Flax step when ``baseline``); the run's
     mean step time is their trapezoid average over the run, which is what the run's wall time follows
     (a packed step's cost grows as the curriculum adds longer examples). One compiled step serves all
     points (its sampler reads the curriculum step from the state)."""
-    setup, step_fn, state, n_params, _ = _build(preset, batch, 1, pack)
+    setup, step_fn, state, n_params, _ = _build(preset, batch, 1, pack, model)
     total = setup.train.steps
     at = [round(i * total / (points - 1)) for i in range(points)] if points > 1 else [0]
     holder = {"state": state}
@@ -178,31 +183,34 @@ def whole_run(preset: str = "paper", batch: int = 64, steps: int = 6, points: in
         return sum((a + b) / 2 for a, b in zip(values, values[1:])) / (len(values) - 1)
 
     out = {"preset": preset, "batch": batch, "pack": setup.train.pack, "run_steps": total, "points": table,
+           "dtype": setup.model.dtype, "attention": setup.model.attention,
            "run_mean_ms_per_step": run_mean("ms_per_step")}
     if baseline:
         out["run_mean_baseline_ms_per_step"] = run_mean("baseline_ms_per_step")
     return out
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="paper", choices=pretrain_config.SIZES)
+    parser.add_argument("--preset", default="paper", choices=SIZES)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of one compiled step (seeds 0 .. N-1)")
-    parser.add_argument("--json", action="store_true", help='print {"ms_per_step", "tokens_per_s"} only')
+    parser.add_argument("--json", action="store_true", help="print one JSON line (ms_per_step, tokens_per_s, compile_s, device, ...)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time benchmarks/plain_gpt.py's step of the same size, interleaved with ours")
     parser.add_argument("--default_malloc", action="store_true",
                         help="leave glibc malloc as it is (compare: safety_mech/host_memory.py)")
     parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                         help="pack examples into shared rows (default: the preset's train.pack)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the preset's)")
+    parser.add_argument("--attention", choices=("einsum", "fused"), help="attention (default: the preset's)")
     parser.add_argument("--data_step", type=int, default=0,
                         help="curriculum step the batches are drawn at (0: the paper curriculum's start)")
     parser.add_argument("--whole_run", type=int, default=0, metavar="POINTS",
                         help="time the step at POINTS curriculum steps spread over the run (0 ... last) "
                              "and print the run's mean step (the wall time follows it)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.replicas < 1:
         parser.error(f"--replicas must be >= 1, got {args.replicas}")
     if args.whole_run < 0:
@@ -211,16 +219,19 @@ def main():
         parser.error("--whole_run picks its own curriculum steps and times one replica; drop --data_step / --replicas")
     if not args.default_malloc:
         host_memory.keep_freed_memory()  # before the first computation
+    model = {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v}
     if args.whole_run:
         print_whole_run(whole_run(args.preset, args.batch, args.steps, args.whole_run,
-                                  args.baseline, args.pack), args.json)
+                                  args.baseline, args.pack, model), args.json)
         return
-    r = benchmark(args.preset, args.batch, args.steps, args.replicas, args.baseline, args.pack, args.data_step)
+    r = benchmark(args.preset, args.batch, args.steps, args.replicas, args.baseline, args.pack, args.data_step, model)
     if args.json:
-        print(json.dumps({"ms_per_step": r["ms_per_step"], "tokens_per_s": r["tokens_per_s"]}))
+        print(json.dumps({k: r[k] for k in ("ms_per_step", "tokens_per_s", "compile_s", "device", "dtype",
+                                             "attention", "pack", "rows", "gflop_per_s")}))
         return
     rows = [("device", r["device"]), ("preset / params", f"{r['preset']} / {r['params']:,}"),
             ("batch x T x replicas", f"{r['batch']} x {r['seq_len']} x {r['replicas']}"),
+            ("compute dtype / attention", f"{r['dtype']} / {r['attention']}"),
             ("data at curriculum step", f"{r['data_step']}"),
             ("rows computed (median)", f"{r['rows']:.0f}" + (" (packed)" if r["pack"] else " (not packed)")),
             ("compile + first step (s)", f"{r['compile_s']:.1f}"),

@@ -59,7 +59,7 @@ def get_config(arg: str = "ssft:tiny") -> ml_collections.ConfigDict:
     )
     c.model = dict(n_layer=placeholder(int), n_head=placeholder(int), d_model=placeholder(int),
                    d_mlp=placeholder(int), block=placeholder(str), pos=placeholder(str),
-                   ln_eps=placeholder(float), dtype=placeholder(str))  # all from the base run
+                   ln_eps=placeholder(float), dtype=placeholder(str), attention=placeholder(str))  # from the base run
     c.opt = dict(
         lrs=(1e-4, 1e-5),  # ηM and ηS (SPEC §8)
         min_lr=1e-6,

@@ -14,8 +14,10 @@ Presets (``get_config("tiny" | "paper" | "micro")``):
   (``eval/safe/gen_instruct``) 1.000 on 1000 held-out safe inputs. How it was chosen:
   ``docs/experiments.md``.
 * ``paper``: SPEC §5 exactly (6 layers, 6 heads, d=192, sinusoidal positions, 2,688,000 parameters,
-  text 25..35, batch 512, 100k steps; packed rows). For a GPU/TPU: ~29 minutes of float32 steps on
-  one H200 (``docs/performance.md``). Expected: Instruct close to 1.
+  text 25..35, batch 512, 100k steps; packed rows), with the fast GPU path on: bfloat16 matmuls
+  (parameters, optimizer state, LayerNorm, softmax and the residual stream stay float32) and fused
+  attention. For a GPU/TPU (``docs/performance.md``); on a CPU add
+  ``--config.model.dtype=float32 --config.model.attention=einsum``. Expected: Instruct close to 1.
 * ``micro``: a smoke test of every code path (1 layer, d=16, text 6, 6 steps); learns nothing.
 """
 from __future__ import annotations
@@ -51,7 +53,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         block="paper",  # "paper" (REF: x = LN1(x) before attention, no norm before the MLP) | "prenorm"
         pos="sinusoidal",  # "sinusoidal" | "learned"
         ln_eps=1e-5,
-        dtype="float32",  # compute dtype of the matmuls: "float32" | "bfloat16"
+        dtype="float32",  # compute dtype of the matmuls: "float32" | "bfloat16" (paper: bfloat16)
+        attention="einsum",  # "einsum" | "fused" (jax.nn.dot_product_attention: cuDNN on a GPU; paper: fused)
     )
     c.opt = dict(
         lrs=(1e-3,),  # peak learning rates; each is a replica group of one compiled run
@@ -82,7 +85,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         sets=("safe",),
     )
     c.loss = dict(normalize="tokens")  # LM loss per example: mean over its target tokens
-    if arg == "paper":
+    if arg == "paper":  # for a GPU/TPU: float32 params and optimizer state, bfloat16 matmuls
+        c.model.update(dtype="bfloat16", attention="fused")
         c.train.pack = True
     if arg in ("tiny", "micro"):
         c.data.update(min_len=12, max_len=12, seq_len=54, p_four_iid=1.0, mode_probs_start=(0.1, 0.3, 0.3, 0.3),

@@ -9,6 +9,7 @@ import errno
 import importlib
 import logging as std_logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from safety_mech import checkpoint as ckpt_lib
 from safety_mech import convert, grammar, host_memory, setups
 from safety_mech.analysis import realmodels
 from safety_mech.runs import RunError
-from safety_mech.train import NonFiniteLossError
+from safety_mech.train import NonFiniteLossError, TimeBudgetReached
 
 
 class ConfigFlag:
@@ -38,6 +39,28 @@ class ConfigFlag:
             module, preset = self._default
             return importlib.import_module(f"configs.{module}").get_config(preset)
         return self._flag.value
+
+
+PAUSED_EXIT = 75  # exit status of a run that paused at its --max_minutes budget (EX_TEMPFAIL)
+RESERVE_S = 30.0  # of a --max_minutes budget: the last step, the checkpoint and the exit
+
+
+def DEFINE_max_minutes():  # noqa: N802 (absl's naming)
+    """The ``--max_minutes`` flag of the training launchers (see :func:`deadline`)."""
+    return flags.DEFINE_float("max_minutes", 0, "pause after this many minutes with a checkpoint and exit with "
+                              f"status {PAUSED_EXIT}; the same command continues (0: no budget)")
+
+
+def deadline(max_minutes: float) -> float | None:
+    """The ``time.monotonic()`` at which a launcher given ``--max_minutes`` pauses its work, so that
+    the process ends within the budget; None for 0 (no budget)."""
+    if max_minutes < 0:
+        sys.exit(f"error: --max_minutes must be >= 0 (0: no budget), got {max_minutes:g}")
+    if not max_minutes:
+        return None
+    if max_minutes * 60 <= 2 * RESERVE_S:
+        sys.exit(f"error: --max_minutes {max_minutes:g} leaves no time to work; give at least {2 * RESERVE_S / 60:g}")
+    return time.monotonic() + max_minutes * 60 - RESERVE_S
 
 
 # The errors a launcher reports as one line and a non-zero exit.
@@ -100,7 +123,7 @@ class QuietOrbax(std_logging.Filter):
 def main(argv, required: Sequence[str], run_fn: Callable[[], Any]) -> None:
     """A launcher's ``main``: no positional arguments, the ``required`` flags set, then ``run_fn()``
     with its errors (:data:`USER_ERRORS`, and a directory it cannot write: :data:`WRITE_ERRNOS`) as
-    one line and a non-zero exit."""
+    one line and a non-zero exit; a run that paused at its budget exits with :data:`PAUSED_EXIT`."""
     host_memory.keep_freed_memory()  # before the first computation: see host_memory.py
     logging.get_absl_handler().addFilter(QuietOrbax())
     if len(argv) > 1:
@@ -110,6 +133,9 @@ def main(argv, required: Sequence[str], run_fn: Callable[[], Any]) -> None:
         sys.exit(f"error: {', '.join(missing)} required")
     try:
         run_fn()
+    except TimeBudgetReached as e:
+        print(f"paused: {e}; the same command continues", file=sys.stderr)
+        sys.exit(PAUSED_EXIT)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     except OSError as e:

@@ -55,7 +55,9 @@ Usage (cfg is frozen, hence hashable and static; with cfg bound by keyword, pass
     logits_BxTxV = fwd(params, tokens=tokens_BxT)
 
 ``dtype`` is the compute dtype of the matmul inputs; parameters stay float32, and the residual stream,
-LayerNorm, softmax, matmul accumulation, logits and captured activations are float32.
+LayerNorm, softmax, matmul accumulation, logits and captured activations are float32. ``attention``
+picks how a whole sequence's attention is computed (same numbers up to rounding): "einsum"
+(:func:`attend`) or "fused" (:func:`fused_attend`, cuDNN's kernel on a GPU in bfloat16).
 
 Building blocks, public so that an incremental decoder (``kv_cache.py``) runs this model's own code
 one position at a time rather than a copy of it; ``apply`` is built from the same functions::
@@ -66,6 +68,7 @@ one position at a time rather than a copy of it; ``apply`` is built from the sam
     block(x_BxTxD, p, cfg, dt, attend=None, mask=None)  one block, with a hook for its attention
         layer_norm(x, p, eps)    qkv_heads(x_BxTxD, p_attn, cfg, dt) -> q, k, v [B, H, T, K]
         attend(q, k, v, visible_mask, dt) -> [B, H, T, K]    merge_heads(y_BxHxTxK, p_attn, cfg, dt)
+        fused_attend(q, k, v, visible_mask, dt) -> [B, T, H, K]   (layout="bthk" of the two above)
         attention_mask(T, segment_ids)    dense(x, p, dt)
     unembed(params, cfg, x_BxTxD)                       ln_f + lm_head -> logits [B, T, V]
 """
@@ -82,6 +85,7 @@ import numpy as np
 _BLOCKS = ("paper", "prenorm")
 _POSITIONS = ("sinusoidal", "learned")
 _DTYPES = ("float32", "bfloat16")
+_ATTENTIONS = ("einsum", "fused")
 ACT_NAMES = ("block_in", "attn_out", "mlp_in", "mlp_hidden", "mlp_out", "resid_out")
 
 
@@ -99,6 +103,7 @@ class ModelConfig:
     pos: str = "sinusoidal"  # "sinusoidal" | "learned"
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+    attention: str = "einsum"  # "einsum" (attend) | "fused" (jax.nn.dot_product_attention, fused_attend)
 
     def __post_init__(self):
         if self.block not in _BLOCKS:
@@ -107,6 +112,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.pos={self.pos!r}; use one of {_POSITIONS}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"ModelConfig.dtype={self.dtype!r}; use one of {_DTYPES}")
+        if self.attention not in _ATTENTIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}; use one of {_ATTENTIONS}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.pos == "sinusoidal" and self.d_model % 2:
@@ -257,13 +264,14 @@ def dense(x, p, dt):
     return y + p["bias"] if "bias" in p else y
 
 
-def qkv_heads(x_BxTxD, p, cfg, dt):
-    """Queries (scaled by 1/sqrt(K)), keys and values, heads-first [B, H, T, K] in the compute dtype,
-    from the attention input ``x_BxTxD`` and the attention params ``p`` (``h_{i}/attn``). A decoder
-    caches the keys and values in this layout.
+def qkv_heads(x_BxTxD, p, cfg, dt, layout="bhtk"):
+    """Queries (scaled by 1/sqrt(K)), keys and values in the compute dtype, heads-first [B, H, T, K]
+    (``layout="bhtk"``; ``"bthk"``: [B, T, H, K], :func:`fused_attend`'s), from the attention input
+    ``x_BxTxD`` and the attention params ``p`` (``h_{i}/attn``). A decoder caches the keys and values
+    in the heads-first layout.
 
     Three projections against column blocks of the fused ``c_attn`` kernel, each written straight into
-    the heads-first layout: one fused [D, 3D] product split afterwards made XLA assemble the [B, T, 3D]
+    the layout: one fused [D, 3D] product split afterwards made XLA assemble the [B, T, 3D]
     gradient from three padded copies in the backward pass (~14% of the paper-size CPU step).
     """
     D, H = cfg.d_model, cfg.n_head
@@ -273,19 +281,20 @@ def qkv_heads(x_BxTxD, p, cfg, dt):
 
     def project(i):
         w_DxHxK = kernel_DxC[:, i * D:(i + 1) * D].reshape(D, H, K)
-        b_Hx1xK = bias_C[i * D:(i + 1) * D].reshape(H, 1, K)
-        return jnp.einsum("btd,dhk->bhtk", x_BxTxD, w_DxHxK, preferred_element_type=jnp.float32) + b_Hx1xK
+        b_HxK = bias_C[i * D:(i + 1) * D].reshape(H, K)
+        y = jnp.einsum(f"btd,dhk->{layout}", x_BxTxD, w_DxHxK, preferred_element_type=jnp.float32)
+        return y + (b_HxK[:, None] if layout == "bhtk" else b_HxK)
 
-    q_BxHxTxK = (project(0) * (1.0 / math.sqrt(K))).astype(dt)
-    return q_BxHxTxK, project(1).astype(dt), project(2).astype(dt)
+    q = (project(0) * (1.0 / math.sqrt(K))).astype(dt)
+    return q, project(1).astype(dt), project(2).astype(dt)
 
 
-def merge_heads(y_BxHxTxK, p, cfg, dt):
-    """Output projection (``p["c_proj"]``, ``p`` the attention params) straight from the heads-first
-    layout of :func:`attend`'s result: [B, H, T, K] -> [B, T, D] float32."""
+def merge_heads(y, p, cfg, dt, layout="bhtk"):
+    """Output projection (``p["c_proj"]``, ``p`` the attention params) straight from the layout of
+    the attention's result (:func:`qkv_heads`' ``layout``) -> [B, T, D] float32."""
     D, H = cfg.d_model, cfg.n_head
     w_HxKxD = p["c_proj"]["kernel"].astype(dt).reshape(H, D // H, D)
-    y_BxTxD = jnp.einsum("bhtk,hkd->btd", y_BxHxTxK.astype(dt), w_HxKxD, preferred_element_type=jnp.float32)
+    y_BxTxD = jnp.einsum(f"{layout},hkd->btd", y.astype(dt), w_HxKxD, preferred_element_type=jnp.float32)
     return y_BxTxD + p["c_proj"]["bias"]
 
 
@@ -319,11 +328,27 @@ def attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, visible_mask, dt):
     return y_BxHxTxK / e_BxHxTxS.sum(-1, keepdims=True)
 
 
+def fused_attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, visible_mask, dt):
+    """:func:`attend` of a whole causal sequence (``visible_mask`` None, or :func:`attention_mask`'s
+    [B, 1, T, S] of packed rows) by ``jax.nn.dot_product_attention`` in the [B, T, H, K] layout:
+    cuDNN's fused kernel on a GPU in bfloat16 where its shape rules hold (head size a multiple of 8,
+    even lengths with a mask), XLA's elsewhere. Returns [B, T, H, K] in the compute dtype."""
+    (T, K), S = q_BxTxHxK.shape[1::2], k_BxSxHxK.shape[1]
+    cudnn = (jax.default_backend() == "gpu" and dt == jnp.bfloat16 and K % 8 == 0 and K <= 128
+             and (visible_mask is None or T % 2 == S % 2 == 0))
+    return jax.nn.dot_product_attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask=visible_mask, scale=1.0,
+                                        is_causal=True, implementation="cudnn" if cudnn else "xla")
+
+
 def _attention(x_BxTxD, p, cfg, dt, mask=None):
     """Causal multi-head self-attention with output projection (``mask``: :func:`attention_mask`,
-    default causal): :func:`qkv_heads`, :func:`attend`, :func:`merge_heads`."""
-    T = x_BxTxD.shape[1]
+    default causal): :func:`qkv_heads`, :func:`attend` (or :func:`fused_attend` with
+    ``cfg.attention="fused"``), :func:`merge_heads`."""
+    if cfg.attention == "fused":
+        q, k, v = qkv_heads(x_BxTxD, p, cfg, dt, layout="bthk")
+        return merge_heads(fused_attend(q, k, v, mask, dt), p, cfg, dt, layout="bthk")
     q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = qkv_heads(x_BxTxD, p, cfg, dt)
+    T = x_BxTxD.shape[1]
     y_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, attention_mask(T) if mask is None else mask, dt)
     return merge_heads(y_BxHxTxK, p, cfg, dt)
 

@@ -9,10 +9,9 @@ positions, each slot keeping its example's own position (for the position encodi
 of 64 at the curriculum's start fits in ~38-45 rows instead of 64 (``benchmarks/train_step.py``).
 
 Static shapes: the number of rows is rounded up to a multiple of ``row_multiple`` (a bucket), and
-one step is compiled per bucket in use (a few at any point of the curriculum). The plan (which row
-and offset each example gets, first-fit decreasing) is made on the host from the example lengths,
-so a packed step syncs with the device once per step to read them; see
-:func:`make_packed_train_step`.
+one step is compiled per bucket in use (a few over the curriculum). The plan (which row and offset
+each example gets, first-fit decreasing) is made on the host from the example lengths, read from
+the device once per chunk of :data:`CHUNK` steps sampled ahead; see :func:`make_packed_train_step`.
 """
 from __future__ import annotations
 
@@ -30,6 +29,7 @@ from safety_mech import sharding as sharding_lib
 from safety_mech import train as train_lib
 
 ROW_MULTIPLE = 4
+CHUNK = 100  # steps planned together: the host reads example lengths once per chunk
 
 
 def needed_lengths(loss_mask_BxT):
@@ -41,24 +41,38 @@ def needed_lengths(loss_mask_BxT):
     return jnp.where(any_B, last_B, 0).astype(jnp.int32)
 
 
+def plan_many(lengths_MxB, row_len: int):
+    """:func:`plan_rows` of M batches at once (numpy, vectorised over the batches): ``(row_MxB,
+    offset_MxB, n_rows_M)``. One pass over the B examples in each batch's decreasing-length order;
+    the first row with room is the first fitting row, and the rows not yet used are empty, so
+    ``argmax`` of the fit mask is first-fit's choice."""
+    lengths_MxB = np.asarray(lengths_MxB, np.int64)
+    if lengths_MxB.ndim != 2 or (lengths_MxB < 0).any() or (lengths_MxB > row_len).any():
+        raise ValueError(f"lengths must be [M, B] in [0, {row_len}], got {lengths_MxB}")
+    M, B = lengths_MxB.shape
+    order_MxB = np.argsort(-lengths_MxB, axis=1, kind="stable")
+    fill_MxB = np.zeros((M, B), np.int64)  # at most one row per example
+    row_MxB, offset_MxB = np.zeros((M, B), np.int64), np.zeros((M, B), np.int64)
+    m_M = np.arange(M)
+    for j in range(B):
+        b_M = order_MxB[:, j]
+        length_M = lengths_MxB[m_M, b_M]
+        r_M = np.argmax(fill_MxB + length_M[:, None] <= row_len, axis=1)
+        row_MxB[m_M, b_M], offset_MxB[m_M, b_M] = r_M, fill_MxB[m_M, r_M]
+        fill_MxB[m_M, r_M] += length_M
+    n_rows_M = np.maximum(row_MxB.max(axis=1) + 1, 1)
+    return row_MxB.astype(np.int32), offset_MxB.astype(np.int32), n_rows_M
+
+
 def plan_rows(lengths_B, row_len: int):
     """First-fit decreasing on the host: ``(row_B, offset_B, n_rows)``, numpy int32. Example b goes
     to row ``row_B[b]`` at slots ``offset_B[b] .. offset_B[b] + lengths_B[b] − 1``; longest examples
     first (ties by index), each into the first row with room. Deterministic."""
     lengths_B = np.asarray(lengths_B, np.int64)
-    if lengths_B.ndim != 1 or (lengths_B < 0).any() or (lengths_B > row_len).any():
+    if lengths_B.ndim != 1:
         raise ValueError(f"lengths must be a vector in [0, {row_len}], got {lengths_B}")
-    order = np.argsort(-lengths_B, kind="stable")
-    fill = np.zeros(len(lengths_B), np.int64)  # at most one row per example
-    n_rows = 0
-    row_B, offset_B = np.zeros_like(lengths_B), np.zeros_like(lengths_B)
-    for b in order:
-        room = np.flatnonzero(fill[:n_rows] + lengths_B[b] <= row_len)
-        r = room[0] if room.size else n_rows
-        n_rows = max(n_rows, r + 1)
-        row_B[b], offset_B[b] = r, fill[r]
-        fill[r] += lengths_B[b]
-    return row_B.astype(np.int32), offset_B.astype(np.int32), max(n_rows, 1)
+    row, offset, n_rows = plan_many(lengths_B[None], row_len)
+    return row[0], offset[0], int(n_rows[0])
 
 
 def bucket(n_rows: int, batch: int, row_multiple: int = ROW_MULTIPLE) -> int:
@@ -103,50 +117,79 @@ def pack(batch: dict, row_B, offset_B, n_rows: int, normalize: str) -> dict:
 
 
 def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: Callable,
-                           loss_cfg: losses.LossConfig, *, mesh=None,
-                           lr_fn: Callable | None = None, row_multiple: int = ROW_MULTIPLE):
+                           loss_cfg: losses.LossConfig, *, mesh=None, lr_fn: Callable | None = None,
+                           row_multiple: int | None = None, chunk: int = CHUNK):
     """A pretraining step with the interface of ``train.make_train_step(losses.lm_loss, ...)``,
     ``step(state, ref_params=None) -> (state, metrics)``, that packs each batch.
 
-    The batch is sampled by a jitted call with the key ``make_train_step`` would use (same data, so
-    the same training up to float rounding), its example lengths go to the host, which plans the
-    rows (:func:`plan_rows`; with replicas, the row count is the largest over replicas), and the
-    update runs in a jitted, donated step compiled once per row bucket. Extra metric:
-    ``train/packed_rows`` (the bucket used). With a ``mesh`` the bucket is also a multiple of the
-    data-axis size."""
-    if mesh is not None:
-        row_multiple = int(np.lcm(row_multiple, mesh.shape[sharding_lib.DATA_AXIS]))
+    Steps are planned ``chunk`` at a time, chunk c holding steps ``c·chunk + 1 .. (c+1)·chunk``
+    (absolute, so a resumed run plans exactly as an uninterrupted one): one jitted call samples the
+    chunk's batches, with the keys ``make_train_step`` would use (same data, so the same training up
+    to float rounding), the host fetches their example lengths and plans every batch's rows
+    (:func:`plan_many`), and each step indexes its batch and plan inside a jitted, donated update
+    compiled once per row count. A step's row count is the largest of its replicas' plans, rounded
+    up to a multiple of ``row_multiple`` (default: ``max(ROW_MULTIPLE, B // 16)``, so that a large
+    batch compiles few shapes; with a ``mesh``, also a multiple of the data-axis size). The
+    next chunk is sampled at the start of the current one and planned before its last step, by which
+    time the device has long sampled it and is running steps the host queued: the host never waits
+    for the device within a chunk. Extra metric: ``train/packed_rows``."""
+    n_data = mesh.shape[sharding_lib.DATA_AXIS] if mesh is not None else 1
 
-    def sample_one(state: train_lib.TrainState):
-        batch = sample_fn(train_lib.step_key(state), state.step)
-        return batch, needed_lengths(batch["loss_mask"])
+    def sample_one(state: train_lib.TrainState, first_step):
+        def at(step):
+            batch = sample_fn(train_lib.step_key(state._replace(step=step)), step)
+            return batch, needed_lengths(batch["loss_mask"])
+        return jax.vmap(at)(first_step + jnp.arange(chunk, dtype=jnp.int32))
 
-    sample = jax.jit(replicas.over_replicas(sample_one))
+    sample = jax.jit(replicas.over_replicas(sample_one, in_axes=(0, None)))
 
-    def one_step(state, batch, row_B, offset_B, n_rows):
+    def one_step(state, batches, row_KxB, offset_KxB, k, n_rows):
+        batch, row_B, offset_B = (jax.tree.map(lambda x: x[k], t) for t in (batches, row_KxB, offset_KxB))
         packed = sharding_lib.constrain_batch(pack(batch, row_B, offset_B, n_rows, loss_cfg.normalize), mesh)
         new_state, metrics = train_lib.update_on_batch(state, None, packed, losses.packed_lm_loss, loss_cfg,
                                                        optimizer, lr_fn)
         return new_state, {**metrics, "train/packed_rows": jnp.float32(n_rows)}
 
     def build(n_rows):
-        fn = replicas.over_replicas(lambda s, b, r, o: one_step(s, b, r, o, n_rows))
+        fn = replicas.over_replicas(lambda s, b, r, o, k: one_step(s, b, r, o, k, n_rows), in_axes=(0, 0, 0, 0, None))
         kwargs = {"out_shardings": sharding_lib.replicated(mesh)} if mesh is not None else {}
         return jax.jit(fn, donate_argnums=(0,), **kwargs)
 
     compiled: dict[int, Callable] = {}
+    sampled: dict[int, tuple] = {}  # chunk -> (batches, lengths) on the device
+    planned: dict[int, tuple] = {}  # chunk -> (batches, rows, offsets, each step's n_rows) to train on
+    host = {"step_array": None, "step": 0}  # the last returned state's step counter, and its value
+
+    def plan(c, state):
+        batches, lengths = sampled.pop(c) if c in sampled else sample(state, jnp.int32(c * chunk))
+        T, B = batches["tokens"].shape[-1], batches["tokens"].shape[-2]
+        lengths_MxB = np.asarray(jax.device_get(lengths)).reshape(-1, B)  # [R·K, B]: the chunk's one sync
+        row, offset, n_rows_M = plan_many(lengths_MxB, T - 1)
+        shape = lengths.shape  # [R, K, B] or [K, B]
+        multiple = int(np.lcm(row_multiple or max(ROW_MULTIPLE, B // 16), n_data))
+        n_rows_K = n_rows_M.reshape(shape[:-1]).reshape(-1, chunk).max(axis=0)  # over the replicas
+        planned[c] = (batches, jnp.asarray(row.reshape(shape)), jnp.asarray(offset.reshape(shape)),
+                      [bucket(int(n), B, multiple) for n in n_rows_K])
 
     def step(state, ref_params=None):
         if ref_params is not None:
             raise ValueError("the packed pretraining step takes no reference params")
-        batch, lengths = sample(state)
-        T, B = batch["tokens"].shape[-1], batch["tokens"].shape[-2]
-        lengths = np.asarray(jax.device_get(lengths)).reshape(-1, B)  # the one sync per step
-        plans = [plan_rows(lengths_B, T - 1) for lengths_B in lengths]
-        n_rows = bucket(max(p[2] for p in plans), B, row_multiple)
-        row, offset = (np.stack([p[i] for p in plans]) for i in (0, 1))
+        done = host["step"] if state.step is host["step_array"] else train_lib.host_step(state)
+        c, k = divmod(done, chunk)
+        for old in [key for key in planned if key < c] + [key for key in sampled if key <= c]:
+            planned.pop(old, None)
+        if c not in planned:
+            plan(c, state)
+        if k == 0 and c + 1 not in sampled and c + 1 not in planned:
+            sampled[c + 1] = sample(state, jnp.int32((c + 1) * chunk))
+        if k == chunk - 1 and c + 1 not in planned:
+            plan(c + 1, state)
+        batches, row, offset, n_rows_K = planned[c]
+        n_rows = n_rows_K[k]
         if n_rows not in compiled:
             compiled[n_rows] = build(n_rows)
-        return compiled[n_rows](state, batch, jnp.asarray(row), jnp.asarray(offset))
+        new_state, metrics = compiled[n_rows](state, batches, row, offset, np.int32(k))
+        host["step_array"], host["step"] = new_state.step, done + 1
+        return new_state, metrics
 
     return step

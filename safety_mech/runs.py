@@ -51,9 +51,14 @@ CADENCE_KEYS = ("train.log_every", "train.eval_every", "train.ckpt_every", "trai
 
 
 def config_diff(a: dict, b: dict) -> list[str]:
-    """Flattened keys where two configs differ, cadence keys (:data:`CADENCE_KEYS`) excepted."""
+    """Flattened keys where two configs differ, cadence keys (:data:`CADENCE_KEYS`) excepted; a key of
+    ``setups.ADDED_KEYS`` absent from one config counts as its old value there."""
     fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))  # tuples -> lists
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and not k.endswith(CADENCE_KEYS))
+
+    def value(flat, key):  # a key added to the configs later holds its old value where it is absent
+        added = [v for k, v in setups.ADDED_KEYS.items() if key == k or key.endswith(f".{k}")]
+        return flat.get(key, added[0] if added else None)
+    return sorted(k for k in set(fa) | set(fb) if value(fa, k) != value(fb, k) and not k.endswith(CADENCE_KEYS))
 
 
 @dataclasses.dataclass

@@ -47,6 +47,8 @@ FINETUNE_DATA_KEYS = ("min_len", "max_len", "seq_len", "p_second_pair", "p_unsaf
 # must equal the base run's: the lengths (the model's positions follow them)
 DATA_FROM_BASE = ("min_len", "max_len", "seq_len")
 P_UNSAFE = {"ssft": 0.2, "dpo": 0.5, "unlearn": 0.5}  # SPEC §7
+# Keys the configs gained after runs were written: a run's config.json without one ran with this value
+ADDED_KEYS = {"model.attention": "einsum"}
 
 
 class ConfigError(ValueError):
@@ -187,6 +189,8 @@ def inherit_from_base(cfg, base_config: dict, base_name: str = "the base run") -
         base_group = base_config.get(group)
         if not isinstance(base_group, dict):
             raise ConfigError(f"{base_name}: config.json has no '{group}' group")
+        base_group = {**{k.split(".")[1]: v for k, v in ADDED_KEYS.items() if k.startswith(f"{group}.")},
+                      **base_group}
         extra = sorted(set(base_group) - set(keys)) if group == "model" else []
         if extra:
             raise ConfigError(f"{base_name}: unknown model key(s) {extra} in its config.json")

@@ -57,10 +57,12 @@ def make_run_mesh(batch_size: int, distributed: bool):
 
 
 def train_job(setup, workdir: str, config_dict: dict, resume: bool, init_params_fn: Callable, loss_fn: Callable,
-              sample_fn: Callable, *, mesh, ref_params: Any = None, tokens_per_example: int) -> dict:
+              sample_fn: Callable, *, mesh, ref_params: Any = None, tokens_per_example: int,
+              deadline: float | None = None) -> dict:
     """Train ``setup`` (``setups.PretrainSetup`` or ``FinetuneSetup``) in ``workdir``: from its
     latest checkpoint if ``resume``, else from ``init_params_fn(key)`` per replica after writing
-    ``config_dict`` as ``config.json``. Returns the final metrics record."""
+    ``config_dict`` as ``config.json``; past ``deadline`` (``time.monotonic()``) it saves and raises
+    ``train.TimeBudgetReached``. Returns the final metrics record."""
     tc, lrs = setup.train, setup.opt.lrs
     R = len(lrs) * len(tc.seeds)
     optimizer = optim.make_optimizer(setup.opt)
@@ -95,15 +97,15 @@ def train_job(setup, workdir: str, config_dict: dict, resume: bool, init_params_
             eval_every=tc.eval_every, eval_fn=lambda p: evaluator(p, ec.n_periodic),
             final_eval_fn=lambda p: evaluator(p, ec.n_final), save_fn=lambda s: ckpt_lib.save_state(manager, s),
             ckpt_every=tc.ckpt_every, tokens_per_step=tokens_per_example * tc.batch_size * R, ref_params=ref_params,
-            replica_names=[f"lr={lr:g},seed={seed}" for lr, seed in replicas.grid(lrs, tc.seeds)])
+            replica_names=[f"lr={lr:g},seed={seed}" for lr, seed in replicas.grid(lrs, tc.seeds)], deadline=deadline)
     finally:
         manager.close()
     return final
 
 
-def pretrain(cfg, workdir: str, *, distributed: bool = False) -> dict:
+def pretrain(cfg, workdir: str, *, distributed: bool = False, deadline: float | None = None) -> dict:
     """Validate ``cfg`` (``configs/pretrain.py``), then train (or resume) in ``workdir``; returns the
-    final metrics record."""
+    final metrics record (``deadline``: :func:`train_job`'s)."""
     setup = setups.validate_pretrain(cfg)
     config_dict = cfg.to_dict()
     resume = check_new_or_same(workdir, config_dict)
@@ -113,13 +115,14 @@ def pretrain(cfg, workdir: str, *, distributed: bool = False) -> dict:
     logging.info("pretraining model %s: %d parameters", setup.model, n_params)
     return train_job(setup, workdir, config_dict, resume, init, losses.lm_loss,
                      lambda key, step: data_lib.sample_pretrain_batch(key, setup.data, setup.train.batch_size, step),
-                     mesh=mesh, tokens_per_example=setup.data.T)
+                     mesh=mesh, tokens_per_example=setup.data.T, deadline=deadline)
 
 
-def finetune(cfg, base: str, workdir: str, *, base_replica: int | None = None, distributed: bool = False) -> dict:
+def finetune(cfg, base: str, workdir: str, *, base_replica: int | None = None, distributed: bool = False,
+             deadline: float | None = None) -> dict:
     """Fine-tune the base run ``base`` (a pretraining run, or a fine-tuned one for cross-method
     fine-tuning: ``base_replica`` picks its replica) with ``cfg`` (``configs/finetune.py``) in
-    ``workdir``, or resume; returns the final metrics record."""
+    ``workdir``, or resume; returns the final metrics record (``deadline``: :func:`train_job`'s)."""
     if os.path.realpath(base) == os.path.realpath(workdir):
         raise RunError("--base and --workdir are the same directory")
     base_run = RunDir.open(base, "--base")
@@ -141,7 +144,8 @@ def finetune(cfg, base: str, workdir: str, *, base_replica: int | None = None, d
         setup, workdir, config_dict, resume, lambda k: base_params, finetune_losses.LOSSES[method],
         lambda key, s: safety_data.sample_finetune_batch(key, setup.data, batch_size), mesh=mesh,
         ref_params=base_params if method == "dpo" else None,  # the frozen reference: never in the state
-        tokens_per_example=2 * setup.data.T)  # both completions of every example go through the model
+        tokens_per_example=2 * setup.data.T,  # both completions of every example go through the model
+        deadline=deadline)
 
 
 evaluate = evaluation.evaluate_run
@@ -149,20 +153,35 @@ analyze = suite.analyze
 
 
 class Stages:
-    """Runs stages in order, skipping finished ones, and records their wall times."""
+    """Runs stages in order, skipping finished ones, and records their wall times.
 
-    def __init__(self, workdir: str):
+    With a ``deadline`` (``time.monotonic()``): a training stage pauses at it (checkpoint saved,
+    ``train.TimeBudgetReached``); a stage that cannot pause (evaluation, analysis) starts only as
+    the first stage this process runs or while at least half of the process's budget is left, so
+    that each process stays within its budget."""
+
+    def __init__(self, workdir: str, deadline: float | None = None):
         self.path = os.path.join(workdir, "timings.json")
         self.timings = files.read_json(self.path) if os.path.exists(self.path) else {}
+        self.deadline, self.ran = deadline, 0
+        self.half_budget_at = None if deadline is None else (time.monotonic() + deadline) / 2
 
-    def __call__(self, name: str, done: bool, fn):
+    def __call__(self, name: str, done: bool, fn, pausable: bool = False):
         if done:
             logging.info("== %s: finished earlier, skipped", name)
             return
+        if self.deadline is not None and self.ran and not pausable and time.monotonic() > self.half_budget_at:
+            raise train_lib.TimeBudgetReached(f"stage {name} cannot pause: it starts in the next run")
         logging.info("== %s", name)
-        t0 = time.perf_counter()
-        fn()
-        self.timings[name] = round(time.perf_counter() - t0, 1)
+        self.ran += 1
+        t0, before = time.perf_counter(), self.timings.pop(f"{name} (so far)", 0.0)  # a paused stage's earlier runs
+        try:
+            fn()
+        except train_lib.TimeBudgetReached:
+            self.timings[f"{name} (so far)"] = round(before + time.perf_counter() - t0, 1)
+            files.write_json(self.path, self.timings)
+            raise
+        self.timings[name] = round(before + time.perf_counter() - t0, 1)
         logging.info("== %s done in %.0f s", name, self.timings[name])
         files.write_json(self.path, self.timings)
 
@@ -205,24 +224,29 @@ def finished(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, "config.json")) and RunDir.open(run_dir).finished()
 
 
-def reproduce(cfg, workdir: str, *, distributed: bool = False, compilation_cache: bool = True) -> dict:
-    """The whole study in ``workdir`` (see the module docstring); returns ``results.json``'s dict."""
+def reproduce(cfg, workdir: str, *, distributed: bool = False, compilation_cache: bool = True,
+              deadline: float | None = None) -> dict:
+    """The whole study in ``workdir`` (see the module docstring); returns ``results.json``'s dict.
+    With a ``deadline`` (``time.monotonic()``) the study runs in parts (:class:`Stages`): a part
+    that stops early raises ``train.TimeBudgetReached`` and the same call continues the study."""
     study = validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     if compilation_cache:
         enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
-    stage = Stages(workdir)
+    stage = Stages(workdir, deadline)
     t_start = time.perf_counter()
     pre_dir = shipped_base(cfg)
     if pre_dir is None:
         pre_dir = os.path.join(workdir, "pretrain")
-        stage("pretrain", finished(pre_dir), lambda: pretrain(cfg.pretrain, pre_dir, distributed=distributed))
+        stage("pretrain", finished(pre_dir), lambda: pretrain(cfg.pretrain, pre_dir, distributed=distributed,
+                                                              deadline=deadline), pausable=True)
     else:
         logging.info("== pretrain: the shipped base %s (%s)", cfg.base, pre_dir)
     ft_dirs = {m: os.path.join(workdir, m) for m in METHODS}
     for m in METHODS:
         stage(f"finetune/{m}", finished(ft_dirs[m]),
-              lambda m=m: finetune(cfg.finetune[m], pre_dir, ft_dirs[m], distributed=distributed))
+              lambda m=m: finetune(cfg.finetune[m], pre_dir, ft_dirs[m], distributed=distributed, deadline=deadline),
+              pausable=True)
     for m in METHODS:
         stage(f"evaluate/{m}", stage_output_done(os.path.join(ft_dirs[m], "eval")),
               lambda m=m: evaluate(ft_dirs[m], study.evaluate))

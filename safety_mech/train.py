@@ -5,7 +5,7 @@
 * :func:`make_train_step` — one jitted, donated step ``(state, ref_params=None) -> (state, metrics)``
   over the replica axis. The step samples its own batch from ``fold_in(state.rng, state.step)``
   inside the jit (no host pipeline), so resuming from a checkpoint replays exactly the same data.
-* :func:`train` — the loop: metrics pulled to the host one step late, JSON lines in
+* :func:`train` — the loop: metrics fetched from the device once per log interval, JSON lines in
   ``<workdir>/metrics.jsonl``, a progress line with the ETA, periodic evaluation and checkpoints, a
   final evaluation merged into the last metrics line; a non-finite loss stops the run naming the
   step.
@@ -170,6 +170,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the message names the step."""
 
 
+class TimeBudgetReached(Exception):
+    """A run stopped at its deadline after saving a checkpoint; the same command continues it."""
+
+
 def host_step(state: TrainState) -> int:
     """Updates done, as a Python int (replicas advance together)."""
     return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
@@ -195,11 +199,13 @@ def _fmt(value, spec=".4f") -> str:
 def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | None = None,
           log_every: int = 100, eval_every: int = 0, eval_fn: Callable | None = None,
           final_eval_fn: Callable | None = None, save_fn: Callable | None = None, ckpt_every: int = 0,
-          tokens_per_step: int = 0, ref_params=None, replica_names=None):
+          tokens_per_step: int = 0, ref_params=None, replica_names=None, deadline: float | None = None):
     """Run ``step_fn`` from ``state`` (``state.step`` updates already done) to ``n_steps`` updates.
 
-    * every step's metrics are pulled to the host one step late (while the next step runs) and
-      checked: a non-finite loss raises :class:`NonFiniteLossError` naming the step;
+    * the host never waits for the device between log points: the steps' metrics are fetched
+      together every ``log_every`` steps (and before an evaluation or checkpoint) and checked: a
+      non-finite loss raises :class:`NonFiniteLossError` naming the first such step, before any
+      checkpoint of it is written;
     * every ``log_every`` steps: a metrics line in ``<workdir>/metrics.jsonl`` (``step``, the train
       metrics, ``time/tokens_per_s``, ``time/step_s``) and a progress line (step, loss, tokens/s, ETA);
     * every ``eval_every`` steps: ``eval_fn(params) -> {name: value}`` written as its own line;
@@ -207,7 +213,9 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
     * at the end: ``final_eval_fn`` (default ``eval_fn``) merged with the last step's metrics into the
       last line of metrics.jsonl, marked ``"final": true``;
     * with ``replica_names`` and tensorboardX installed, the same metrics as TensorBoard events in
-      ``<workdir>/tensorboard/<replica name>/`` (``files.TensorBoardMirror``).
+      ``<workdir>/tensorboard/<replica name>/`` (``files.TensorBoardMirror``);
+    * past ``deadline`` (a ``time.monotonic()`` value) before the last step: ``save_fn(state)``, then
+      :class:`TimeBudgetReached` (resuming from that checkpoint continues exactly).
 
     Returns ``(state, final_record)``.
     """
@@ -220,25 +228,25 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
     timer = {"t": None, "steps": 0}  # wall clock since the last log point, excluding eval/checkpoints
     last: dict = {}
 
-    def finish(n: int, metrics) -> None:
-        """Host side of step n: finiteness check, log line."""
-        host = jax.device_get(metrics)
+    def finish(n: int, host) -> None:
+        """Host side of step n (its metrics fetched): finiteness check, log line."""
         loss = np.asarray(host["train/loss"])
         if not np.all(np.isfinite(loss)):
             bad = "" if loss.size == 1 else f" (replicas {np.flatnonzero(~np.isfinite(loss)).tolist()})"
             raise NonFiniteLossError(f"non-finite loss {loss.tolist()} at step {n}{bad}")
         last.clear()
         last.update(host)
-        now = time.perf_counter()
-        first = timer["t"] is None  # the first step of a (re)start includes compilation: no rate
-        if first:
-            timer["t"], timer["steps"] = now, 0
+        if timer["t"] is None:  # the first step of a (re)start includes compilation: no rate
+            timer["t"], timer["steps"] = time.perf_counter(), 0
+            first = True
         else:
             timer["steps"] += 1
+            first = False
         if n % log_every and n != n_steps:
             return
         rates = {}
         if not first:
+            now = time.perf_counter()
             step_s = (now - timer["t"]) / max(timer["steps"], 1)
             rates = {"time/step_s": step_s, "time/tokens_per_s": tokens_per_step / step_s if step_s else 0.0}
             timer["t"], timer["steps"] = now, 0
@@ -252,6 +260,16 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
             speed = f"{rates['time/tokens_per_s']:,.0f} tokens/s | ETA {eta}"
         logging.info("step %d/%d loss %s%s | %s", n, n_steps, _fmt(loss), acc, speed)
 
+    pending: list = []  # (step, metrics) of the steps whose metrics are still on the device
+
+    def flush() -> None:
+        """Fetch the pending steps' metrics in one transfer (waiting for the device) and finish them."""
+        if not pending:
+            return
+        for n, host in jax.device_get(pending):
+            finish(n, host)
+        pending.clear()
+
     def pause_clock(fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
@@ -259,27 +277,28 @@ def train(step_fn: Callable, state: TrainState, *, n_steps: int, workdir: str | 
             timer["t"] += time.perf_counter() - t0
         return out
 
-    pending = None
     for n in range(start + 1, n_steps + 1):
         state, metrics = step_fn(state, ref_params)
-        if pending is not None:
-            finish(*pending)
-        pending = (n, metrics)
+        pending.append((n, metrics))
+        if n == start + 1 or n % log_every == 0 or n == n_steps:
+            flush()
         if n == n_steps:
             break
         if eval_fn is not None and eval_every and n % eval_every == 0:
-            finish(*pending)
-            pending = None
+            flush()
             results = pause_clock(eval_fn, state.params)
             writer.write({"step": n, **results})
             logging.info("step %d eval %s", n, " ".join(f"{k} {_fmt(v)}" for k, v in results.items()))
         if save_fn is not None and ckpt_every and n % ckpt_every == 0:
-            if pending is not None:
-                finish(*pending)
-                pending = None
+            flush()  # a non-finite loss stops the run before its checkpoint is written
             pause_clock(save_fn, state)
-    if pending is not None:
-        finish(*pending)
+        if deadline is not None and time.monotonic() >= deadline:
+            flush()
+            if save_fn is not None:
+                save_fn(state)
+            saved = " (checkpoint saved)" if save_fn is not None else ""
+            raise TimeBudgetReached(f"time budget reached at step {n} of {n_steps}{saved}")
+    flush()
 
     final = {"step": n_steps, "final": True, **last}
     if final_eval_fn is not None:

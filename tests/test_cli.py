@@ -53,3 +53,20 @@ def test_other_errors_propagate():
 
     with pytest.raises(KeyError, match="a bug"):
         cli.main(["prog"], (), bug)
+
+
+def test_a_paused_run_exits_75_with_one_line(capsys):
+    def pause():
+        raise train.TimeBudgetReached("time budget reached at step 3 of 8 (checkpoint saved)")
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["prog"], (), pause)
+    assert e.value.code == cli.PAUSED_EXIT == 75
+    assert capsys.readouterr().err.strip() == (
+        "paused: time budget reached at step 3 of 8 (checkpoint saved); the same command continues")
+    assert cli.deadline(0) is None
+    for bad, message in ((-1, "error: --max_minutes must be >= 0 (0: no budget), got -1"),
+                         (0.5, "error: --max_minutes 0.5 leaves no time to work; give at least 1")):
+        with pytest.raises(SystemExit) as e:
+            cli.deadline(bad)
+        assert e.value.code == message

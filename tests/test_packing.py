@@ -111,7 +111,8 @@ def test_packed_step_equals_unpacked_step(n_replicas):
     init = (lambda: toy.init_state(jax.random.key(5))) if n_replicas == 1 else (lambda: toy.init_replicas(lrs, (5,)))
     lr_fn = optim.make_lr_fn(toy.OPT)
     plain = toy.make_step(sample_fn=sample_ragged)
-    packed = packing.make_packed_train_step(toy.OPTIMIZER, sample_ragged, toy.LOSS, lr_fn=lr_fn, row_multiple=1)
+    packed = packing.make_packed_train_step(toy.OPTIMIZER, sample_ragged, toy.LOSS, lr_fn=lr_fn, row_multiple=1,
+                                            chunk=1)  # one batch per plan: its own row count
     s1, m1 = _run(plain, init())
     s2, m2 = _run(packed, init())
     for a, b in zip(m1, m2):
@@ -126,6 +127,40 @@ def test_packed_step_equals_unpacked_step(n_replicas):
     assert np.asarray(s2.step).tolist() == [2] * n_replicas
     with pytest.raises(ValueError, match="reference"):
         packed(s2, s2.params)
+
+
+def test_plan_many_is_plan_rows_of_each_batch():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(0, 40, size=(7, 33))
+    row, offset, n_rows = packing.plan_many(lengths, 40)
+    for m in range(7):
+        r, o, n = _check_plan(lengths[m], 40)
+        assert (row[m] == r).all() and (offset[m] == o).all() and n_rows[m] == n
+
+
+def test_packed_steps_in_chunks_resume_exactly_and_do_not_wait_for_the_device(monkeypatch):
+    """Chunks of 3 steps over 7 steps: the same losses and row counts as one step per plan, the host reads
+    lengths from the device once per chunk, and a step function started from the
+    state after step 4 (mid-chunk, as after a resume) continues bit-identically."""
+    make = lambda: packing.make_packed_train_step(toy.OPTIMIZER, sample_ragged, toy.LOSS, chunk=3)  # noqa: E731
+    reads = []
+    real_get = jax.device_get
+    monkeypatch.setattr(packing.jax, "device_get", lambda x: reads.append(1) or real_get(x))
+    state, metrics = _run(make(), toy.init_state(jax.random.key(7)), n=7)
+    assert len(reads) == 4  # the start's step counter, then the chunks of steps 1-3, 4-6, 7-9
+    monkeypatch.setattr(packing.jax, "device_get", real_get)
+    one_plan = packing.make_packed_train_step(toy.OPTIMIZER, sample_ragged, toy.LOSS, chunk=1)
+    _, single = _run(one_plan, toy.init_state(jax.random.key(7)), n=7)
+    for a, b in zip(single, metrics):
+        np.testing.assert_allclose(b["train/loss"], a["train/loss"], rtol=1e-5)
+        np.testing.assert_array_equal(b["train/packed_rows"], a["train/packed_rows"])  # each step its own plan
+    assert len({int(m["train/packed_rows"][0]) for m in single}) > 1  # rows vary between steps
+    s4, _ = _run(make(), toy.init_state(jax.random.key(7)), n=4)
+    s7, resumed = _run(make(), s4, n=3)
+    for a, b in zip(metrics[4:], resumed):
+        np.testing.assert_array_equal(b["train/loss"], a["train/loss"])
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(s7.params), strict=True):
+        np.testing.assert_array_equal(b, a)
 
 
 def test_packed_step_on_four_devices_matches_one():

@@ -5,6 +5,7 @@ fail before any work (from the library and from launch/reproduce.py)."""
 import json
 import math
 import os
+import time
 
 import pytest
 
@@ -189,3 +190,32 @@ def test_killed_at_random_moments_then_rerun(study_dir, tmp_path):
     assert {k: done[k] for k in expected} == expected
     for section in ("weights", "row_space", "tau", "lipschitz", "alpha_sweep"):
         assert done["analysis"][section] == files.sanitize(results["analysis"][section]), section
+
+
+def test_stages_in_parts_of_a_time_budget(tmp_path):
+    """With a deadline a training stage pauses (its time so far kept), and a stage that cannot pause
+    starts only as the first stage of a part or while half of the part's budget is left."""
+    from safety_mech.train import TimeBudgetReached
+    ran, parts = [], iter([True, False])
+
+    def train_part():  # pauses in the first part, finishes in the second
+        ran.append("train")
+        if next(parts):
+            raise TimeBudgetReached("time budget reached at step 3 of 6 (checkpoint saved)")
+
+    for part in range(3):
+        stage = study.Stages(str(tmp_path), deadline=0.0)
+        try:
+            stage("pretrain", "pretrain" in stage.timings, train_part, pausable=True)
+            stage("evaluate", "evaluate" in stage.timings, lambda: ran.append("evaluate"))
+        except TimeBudgetReached as e:
+            assert part < 2 and ("cannot pause" in str(e)) == (part == 1)
+    assert ran == ["train", "train", "evaluate"]
+    timings = files.read_json(str(tmp_path / "timings.json"))
+    assert set(timings) == {"pretrain", "evaluate"}
+    ran.clear()
+    (tmp_path / "roomy").mkdir()
+    stage = study.Stages(str(tmp_path / "roomy"), deadline=time.monotonic() + 600)
+    stage("pretrain", False, lambda: ran.append("train"), pausable=True)
+    stage("evaluate", False, lambda: ran.append("evaluate"))
+    assert ran == ["train", "evaluate"]

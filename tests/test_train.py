@@ -139,6 +139,35 @@ def test_loop_writes_metrics_and_final_eval(step_fn, tmp_path):
     assert isinstance(records[0]["train/lr"], list) and isinstance(records[0]["time/tokens_per_s"], float)
 
 
+def test_loop_waits_for_the_device_only_at_log_points(step_fn, monkeypatch):
+    reads = []
+    real_get = jax.device_get
+    monkeypatch.setattr(train.jax, "device_get", lambda x: reads.append(1) or real_get(x))
+    train.train(step_fn, toy.init_state(jax.random.key(1)), n_steps=8, log_every=4)
+    assert len(reads) == 4  # the start's step counter; the first step (its time is the compilation); steps 4, 8
+
+
+def test_loop_pauses_at_its_deadline_and_resumes_exactly(step_fn, tmp_path):
+    """A deadline already passed: every call trains one step, saves and raises; the paused and
+    resumed run ends where an uninterrupted run does, bit for bit."""
+    whole, _ = train.train(step_fn, toy.init_state(jax.random.key(2)), n_steps=5)
+    saved = {}
+    state, calls = toy.init_state(jax.random.key(2)), 0
+    while True:
+        calls += 1
+        try:
+            state, final = train.train(step_fn, state, n_steps=5, workdir=str(tmp_path), log_every=2,
+                                       save_fn=lambda s: saved.update(state=s), deadline=float("-inf"))
+            break
+        except train.TimeBudgetReached as e:
+            assert str(e) == f"time budget reached at step {calls} of 5 (checkpoint saved)"
+            state = saved["state"]
+    assert calls == 5 and final["final"] and int(state.step[0]) == 5
+    assert toy.tree_equal(state.params, whole.params)
+    steps_logged = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [2, 4, 5]
+
+
 def test_non_finite_loss_names_the_step(step_fn, tmp_path):
     def poisoned_step(state, ref=None):
         if train.host_step(state) == 3:  # the 4th update sees NaN weights, so a NaN loss
