@@ -1,8 +1,7 @@
 """The paper scale on one GPU in one command: check, time, then run the paper study in parts.
 
     python3 benchmarks/gpu_paper.py --out OUT                       # checks and timings (~6 min)
-    python3 benchmarks/gpu_paper.py --out OUT --study_minutes 3     # + a first part of the study
-    python3 benchmarks/gpu_paper.py --out OUT --skip_checks --study_minutes 9   # the next parts
+    python3 benchmarks/gpu_paper.py --out OUT --skip_checks --study_minutes 9   # the study, part by part
     python benchmarks/gpu_paper.py --out /tmp/gpu_smoke --smoke --study_minutes 2  # the flow, micro, any machine
 
 1. the fast path's tests on the GPU (``tests/test_compute_path.py``: fused attention through

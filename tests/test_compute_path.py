@@ -36,8 +36,9 @@ def test_fused_attention_matches_einsum_attention_in_float32(block, packed):
         return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), (logits, acts)
 
     grad = jax.jit(jax.grad(loss_and_logits, has_aux=True), static_argnums=1)
-    g_einsum, (logits_einsum, acts_einsum) = grad(params, cfg)
-    g_fused, (logits_fused, acts_fused) = grad(params, fused)
+    with jax.default_matmul_precision("highest"):  # float32 products also on a GPU (no TF32)
+        g_einsum, (logits_einsum, acts_einsum) = grad(params, cfg)
+        g_fused, (logits_fused, acts_fused) = grad(params, fused)
     np.testing.assert_allclose(logits_fused, logits_einsum, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(acts_fused["attn_out"], acts_einsum["attn_out"], rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_einsum), jax.tree.leaves(g_fused), strict=True):
