@@ -1,5 +1,6 @@
 """The benchmark scripts run: ``benchmarks/train_step.py``'s JSON line names the variant it timed,
-and ``benchmarks/gpu_paper.py`` turns its results (a failed variant included) into tables."""
+``benchmarks/gpu_paper.py`` turns its results (a failed variant included) into tables, and
+``benchmarks/packed_rows.py`` counts the rows of packed batches over the curriculum."""
 import importlib.util
 import json
 import pathlib
@@ -40,3 +41,15 @@ def test_gpu_paper_tables_and_loop_step(tmp_path):
     table = (tmp_path / "gpu_paper.md").read_text()
     assert "| ours: bf16 | 4.00 | 20 | 2.00x |" in table and "| ours: broken | failed | | |" in table
     assert "| packed | 3.00 |" in table and "| not packed | failed |" in table
+
+
+def test_packed_rows_over_the_run(capsys):
+    pr = _script("packed_rows")
+    table = pr.rows_over_run("paper", 64, points=3, batches=4)
+    assert [r["step"] for r in table] == [0, 50_000, 100_000]
+    for r in table:
+        assert 1 <= r["min"] <= r["max"] <= 64 and sum(r["buckets"].values()) == 4
+        assert all(b % 4 == 0 and r["min"] <= b < r["max"] + 4 for b in r["buckets"])
+    assert table[0]["max"] < table[-1]["min"]  # longer examples later in the curriculum need more rows
+    pr.main(["--preset", "micro", "--batch", "8", "--points", "2", "--batches", "2"])
+    assert "row counts over the run" in capsys.readouterr().out
