@@ -32,6 +32,8 @@ import sys
 import tarfile
 import time
 
+from safety_mech import files
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
        "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
@@ -76,10 +78,8 @@ def last_json(proc: subprocess.CompletedProcess) -> dict | None:
 
 def loop_step_ms(workdir: str) -> float | None:
     """Median logged step time of a run (its first logged interval holds warm-up steps: left out)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    times = [r["time/step_s"] for r in map(json.loads, open(path)) if "time/step_s" in r]
+    records = files.MetricsLog(os.path.join(workdir, "metrics.jsonl")).records()
+    times = [r["time/step_s"] for r in records if "time/step_s" in r]
     return statistics.median(times[1:] or times) * 1e3 if times else None
 
 

@@ -5,7 +5,7 @@
 
 For each curriculum step: the fewest and most rows of ``--batches`` sampled batches (first-fit
 decreasing, ``packing.plan_many``) and the row counts they round to (``packing.bucket`` with the
-packed step's default multiple, max(4, B/16)), one compiled step each. No training: host and
+packed step's ``packing.default_row_multiple``, max(4, B/16)), one compiled step each. No training: host and
 sampler only, seconds on a CPU.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from safety_mech import packing, setups
 def rows_over_run(preset: str, batch: int, points: int, batches: int) -> list[dict]:
     """One row per curriculum step (``points`` spread over the preset's run, 0 ... last)."""
     setup = setups.validate_pretrain(pretrain_config.get_config(preset))
-    multiple = max(packing.ROW_MULTIPLE, batch // 16)
+    multiple = packing.default_row_multiple(batch)
     lengths = jax.jit(jax.vmap(lambda key, step: packing.needed_lengths(
         data_lib.sample_pretrain_batch(key, setup.data, batch, step)["loss_mask"])))
     total, table = setup.train.steps, []

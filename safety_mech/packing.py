@@ -81,6 +81,12 @@ def bucket(n_rows: int, batch: int, row_multiple: int = ROW_MULTIPLE) -> int:
     return min(-(-n_rows // row_multiple) * row_multiple, batch)
 
 
+def default_row_multiple(batch: int) -> int:
+    """The packed step's default ``row_multiple``: coarser buckets for a large batch (fewer compiled
+    shapes), at least :data:`ROW_MULTIPLE`."""
+    return max(ROW_MULTIPLE, batch // 16)
+
+
 def pack(batch: dict, row_B, offset_B, n_rows: int, normalize: str) -> dict:
     """Inside jit: the pretraining batch (``tokens``, ``loss_mask`` [B, T]) packed into ``n_rows``
     rows of N = T − 1 slots by the plan ``row_B``, ``offset_B`` (:func:`plan_rows`).
@@ -128,7 +134,7 @@ def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: C
     to float rounding), the host fetches their example lengths and plans every batch's rows
     (:func:`plan_many`), and each step indexes its batch and plan inside a jitted, donated update
     compiled once per row count. A step's row count is the largest of its replicas' plans, rounded
-    up to a multiple of ``row_multiple`` (default: ``max(ROW_MULTIPLE, B // 16)``, so that a large
+    up to a multiple of ``row_multiple`` (default: :func:`default_row_multiple`, so that a large
     batch compiles few shapes; with a ``mesh``, also a multiple of the data-axis size). The
     next chunk is sampled at the start of the current one and planned before its last step, by which
     time the device has long sampled it and is running steps the host queued: the host never waits
@@ -166,7 +172,7 @@ def make_packed_train_step(optimizer: optax.GradientTransformation, sample_fn: C
         lengths_MxB = np.asarray(jax.device_get(lengths)).reshape(-1, B)  # [R·K, B]: the chunk's one sync
         row, offset, n_rows_M = plan_many(lengths_MxB, T - 1)
         shape = lengths.shape  # [R, K, B] or [K, B]
-        multiple = int(np.lcm(row_multiple or max(ROW_MULTIPLE, B // 16), n_data))
+        multiple = int(np.lcm(row_multiple or default_row_multiple(B), n_data))
         n_rows_K = n_rows_M.reshape(shape[:-1]).reshape(-1, chunk).max(axis=0)  # over the replicas
         planned[c] = (batches, jnp.asarray(row.reshape(shape)), jnp.asarray(offset.reshape(shape)),
                       [bucket(int(n), B, multiple) for n in n_rows_K])
